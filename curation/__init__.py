@@ -1,0 +1,2 @@
+"""curation: CLIP embeddings, aesthetic and text-image scores, technical scores, deduplication,
+named views and plots → STORE/embeddings/<tag>/, STORE/scores/<tag>/, STORE/views/."""

@@ -1,0 +1,30 @@
+"""Ray connection: attach to a running cluster (RAY_ADDRESS, as under `ray job submit`, or
+--ray-address) or start an embedded local Ray for a laptop run."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process. Without an address, start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("attaching to Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    log.info("starting an embedded local Ray")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )

@@ -1,0 +1,304 @@
+"""The store: shard-aligned image shards, Parquet tables, per-shard status records and the manifest.
+
+Layout (see ARCHITECTURE.md)::
+
+    STORE/manifest.json               derived summary, written only by drivers
+    STORE/images/000000.tar           WebDataset shard: <key>.<ext> + <key>.json
+    STORE/meta/000000.parquet         one row per ingested sample (ok or error)
+    STORE/meta/_status/000000.json    ingest status record: the shard is complete iff this exists
+    STORE/<kind>/<tag>/000000.*       stage outputs, same shard numbering
+    STORE/<kind>/<tag>/_status/000000.json
+    STORE/<kind>/<tag>/_config.json   resolved settings of that stage/tag
+
+Bookkeeping files start with '_' so that pyarrow/polars/duckdb reading a whole folder
+(``pq.read_table("STORE/meta")``) see only the Parquet shards (they skip '_' and '.' names).
+
+Workers write their output file(s), then the status record (each atomically). The manifest is
+rebuilt from status records by drivers, so a crash between a shard's write and the manifest
+update loses nothing, and concurrent workers never race on a shared file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import __version__, fs
+
+SCHEMA_VERSION = 1
+STATUS_DIR = "_status"
+CONFIG_NAME = "_config.json"
+STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
+
+# One schema for every meta shard, whatever the source, so a folder of shards reads as one table.
+META_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),  # reason, null when ok
+        ("source", pa.string()),  # folder | wds | urls | sam | pixart
+        ("path", pa.string()),  # original path (relative to the source root) or tar member
+        ("url", pa.string()),
+        ("format", pa.string()),  # stored extension: jpg | png | webp
+        ("width", pa.int32()),  # stored image size
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),  # size before --max-side, after EXIF orientation
+        ("orig_height", pa.int32()),
+        ("bytes", pa.int64()),  # stored image bytes
+        ("sha256", pa.string()),  # of the original source bytes: exact-duplicate detection
+        ("alt_text", pa.string()),  # original caption (sidecar .txt, wds caption, url list, prompt)
+        ("label", pa.string()),  # class label (--label-from-dir)
+        ("image_id", pa.int64()),  # SA-1B image id
+        ("n_masks", pa.int32()),  # SA-1B annotation count
+        ("source_meta", pa.string()),  # JSON text of any source metadata
+    ]
+)
+
+
+class StoreError(Exception):
+    """A store that is missing, malformed or inconsistent with the request."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_url(url: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_read(url) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def meta_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a meta table with the fixed schema from row dicts (missing fields become null)."""
+    cols = {name: [r.get(name) for r in rows] for name in META_SCHEMA.names}
+    return pa.table(cols, schema=META_SCHEMA)
+
+
+@dataclass
+class Store:
+    """A store rooted at ``root`` (a local path or any fsspec URL)."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        self.root = self.root.rstrip("/")
+
+    # ---- paths -------------------------------------------------------------------------------
+    def url(self, *parts: str) -> str:
+        return fs.join(self.root, *parts)
+
+    @property
+    def manifest_url(self) -> str:
+        return self.url("manifest.json")
+
+    def image_url(self, shard: str) -> str:
+        return self.url("images", f"{shard}.tar")
+
+    def meta_url(self, shard: str) -> str:
+        return self.url("meta", f"{shard}.parquet")
+
+    def stage_dir(self, stage: str) -> str:
+        """``stage`` is ``ingest`` or ``<kind>/<tag>`` (e.g. ``captions/llava-1.5-7b``)."""
+        return self.url("meta") if stage == "ingest" else self.url(stage)
+
+    def status_url(self, stage: str, shard: str) -> str:
+        return fs.join(self.stage_dir(stage), STATUS_DIR, shard + ".json")
+
+    # ---- existence ---------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return fs.exists(self.manifest_url)
+
+    def create(self) -> None:
+        """Create an empty store (idempotent)."""
+        if not self.exists():
+            fs.makedirs(self.root)
+            self.write_manifest(self._empty_manifest())
+
+    def require(self) -> None:
+        if not self.exists():
+            raise StoreError(
+                f"no store at {self.root} (no manifest.json); create one with 'alphaset ingest … --store {self.root}'"
+            )
+
+    # ---- status records ----------------------------------------------------------------------
+    def write_status(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Write the status record that marks ``shard`` of ``stage`` complete. Call it last."""
+        rec = {"stage": stage, "shard": shard, "tool_version": __version__, "time": now_iso(), **record}
+        fs.atomic_write(self.status_url(stage, shard), json.dumps(rec, indent=1, sort_keys=True))
+        return rec
+
+    def status(self, stage: str, shard: str) -> dict[str, Any] | None:
+        url = self.status_url(stage, shard)
+        if not fs.exists(url):
+            return None
+        return json.loads(fs.read_text(url))
+
+    def completed(self, stage: str) -> dict[str, dict[str, Any]]:
+        """All status records of a stage, by shard name."""
+        out = {}
+        folder = fs.join(self.stage_dir(stage), STATUS_DIR)
+        for name in fs.ls(folder, ".json"):
+            out[name[: -len(".json")]] = json.loads(fs.read_text(fs.join(folder, name)))
+        return out
+
+    def shards(self) -> list[str]:
+        """Ingested (complete) shard names, in order."""
+        return sorted(self.completed("ingest"))
+
+    def stages(self) -> list[str]:
+        """Every ``<kind>/<tag>`` present in the store."""
+        out = []
+        for kind in STAGE_KINDS:
+            for tag in fs.ls(self.url(kind)):
+                if not tag.startswith((".", "_")):
+                    out.append(f"{kind}/{tag}")
+        return out
+
+    # ---- stage config (resolved settings written beside the output) -------------------------
+    def stage_config(self, stage: str) -> dict[str, Any] | None:
+        url = fs.join(self.stage_dir(stage), CONFIG_NAME)
+        return json.loads(fs.read_text(url)) if fs.exists(url) else None
+
+    def claim_stage(self, stage: str, settings: dict[str, Any]) -> None:
+        """Record the settings of ``stage``; refuse to mix outputs made with other settings."""
+        old = self.stage_config(stage)
+        if old is not None:
+            if old.get("settings") != settings:
+                diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
+                raise StoreError(
+                    f"{stage} was started with other settings ({', '.join(diff)} differ); "
+                    "resume with the same settings or choose another --tag"
+                )
+            return
+        rec = {"stage": stage, "settings": settings, "tool_version": __version__, "created": now_iso()}
+        fs.atomic_write(fs.join(self.stage_dir(stage), CONFIG_NAME), json.dumps(rec, indent=1, sort_keys=True))
+
+    # ---- reading shards ----------------------------------------------------------------------
+    def read_meta(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        return fs.read_parquet(self.meta_url(shard), columns=columns)
+
+    def ok_keys(self, shard: str) -> list[str]:
+        t = self.read_meta(shard, ["key", "status"])
+        return [k for k, s in zip(t["key"].to_pylist(), t["status"].to_pylist()) if s == "ok"]
+
+    def iter_images(self, shard: str) -> Iterator[tuple[str, str, bytes]]:
+        """Yield ``(key, ext, image_bytes)`` for every image in the shard's tar, in tar order."""
+        for key, files in iter_tar_samples(self.image_url(shard)):
+            for ext in ("jpg", "png", "webp"):
+                if ext in files:
+                    yield key, ext, files[ext]
+                    break
+
+    # ---- manifest ----------------------------------------------------------------------------
+    def _empty_manifest(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created": now_iso(),
+            "tool_version": __version__,
+            "shards": {},
+            "stages": {},
+        }
+
+    def read_manifest(self) -> dict[str, Any]:
+        self.require()
+        m = json.loads(fs.read_text(self.manifest_url))
+        if m.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.manifest_url} has schema version {m.get('schema_version')}, this alphaset reads {SCHEMA_VERSION}"
+            )
+        return m
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["updated"] = now_iso()
+        fs.atomic_write(self.manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def refresh_manifest(self) -> dict[str, Any]:
+        """Rebuild the manifest's shard and stage tables from the status records (drivers only)."""
+        m = self.read_manifest() if self.exists() else self._empty_manifest()
+        shards = {}
+        for shard, rec in self.completed("ingest").items():
+            shards[shard] = {k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")}
+        m["shards"] = shards
+        stages = {}
+        for stage in self.stages():
+            done = self.completed(stage)
+            cfg = self.stage_config(stage) or {}
+            stages[stage] = {
+                "settings": cfg.get("settings"),
+                "tool_version": cfg.get("tool_version"),
+                "created": cfg.get("created"),
+                "shards": {s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")} for s, r in done.items()},
+            }
+        m["stages"] = stages
+        self.write_manifest(m)
+        return m
+
+
+def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a WebDataset tar's members into samples: ``(key, {ext: bytes})``.
+
+    The key is the member path up to the first dot of its base name, as in webdataset.
+    Members with absolute or ``..`` paths are rejected (ValueError), never extracted.
+    """
+    with fs.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        current: str | None = None
+        files: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            check_member_name(member.name)
+            base = member.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            prefix = member.name[: len(member.name) - len(base)]
+            stem, ext = base.split(".", 1)
+            key = prefix + stem
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if key != current:
+                if current is not None:
+                    yield current, files
+                current, files = key, {}
+            files[ext.lower()] = data
+        if current is not None:
+            yield current, files
+
+
+def check_member_name(name: str) -> None:
+    if name.startswith("/") or name.startswith("\\") or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"unsafe tar member path {name!r} (absolute or '..')")
+
+
+def write_tar(url: str, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """Write ``[(key, {ext: bytes})]`` as a WebDataset tar, atomically; return its sha256."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = 0  # deterministic shards
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    fs.atomic_write(url, data)
+    return sha256_bytes(data)
