@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "captioning.cli",
     "curation.cli",
     "pipeline.manifest_cli",
-    "pipeline.features_cli",
+    "training.features_cli",
     "training.cli",
     "pipeline.demo",
 ]
