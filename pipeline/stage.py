@@ -28,7 +28,7 @@ class StageSpec:
     stage: str  # "<kind>/<tag>", e.g. "captions/llava-1.5-7b"
     worker_cls: type  # worker_cls(**worker_kwargs)(shard) -> status record
     worker_kwargs: dict[str, Any]
-    settings: dict[str, Any]  # resolved settings, recorded in <stage>/_config.json
+    settings: dict[str, Any]  # resolved settings, recorded in STORE/_status/<stage>/config.json
     shards: list[str] | None = None  # default: every ingested shard
     workers: int = 1
     cpus_per_worker: float = 1.0

@@ -5,13 +5,13 @@ Layout (see ARCHITECTURE.md)::
     STORE/manifest.json               derived summary, written only by drivers
     STORE/images/000000.tar           WebDataset shard: <key>.<ext> + <key>.json
     STORE/meta/000000.parquet         one row per ingested sample (ok or error)
-    STORE/meta/_status/000000.json    ingest status record: the shard is complete iff this exists
     STORE/<kind>/<tag>/000000.*       stage outputs, same shard numbering
-    STORE/<kind>/<tag>/_status/000000.json
-    STORE/<kind>/<tag>/_config.json   resolved settings of that stage/tag
+    STORE/_status/ingest/000000.json  ingest status record: the shard is complete iff this exists
+    STORE/_status/<kind>/<tag>/000000.json
+    STORE/_status/<kind>/<tag>/config.json   resolved settings of that stage/tag
 
-Bookkeeping files start with '_' so that pyarrow/polars/duckdb reading a whole folder
-(``pq.read_table("STORE/meta")``) see only the Parquet shards (they skip '_' and '.' names).
+Bookkeeping lives under ``_status/``, outside the data folders, so that pyarrow, polars and
+duckdb reading a whole folder (``pl.read_parquet("STORE/meta")``) see only the Parquet shards.
 
 Workers write their output file(s), then the status record (each atomically). The manifest is
 rebuilt from status records by drivers, so a crash between a shard's write and the manifest
@@ -35,7 +35,7 @@ from pipeline import __version__, fs
 
 SCHEMA_VERSION = 1
 STATUS_DIR = "_status"
-CONFIG_NAME = "_config.json"
+CONFIG_NAME = "config.json"
 STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
 
 # One schema for every meta shard, whatever the source, so a folder of shards reads as one table.
@@ -121,8 +121,12 @@ class Store:
         """``stage`` is ``ingest`` or ``<kind>/<tag>`` (e.g. ``captions/llava-1.5-7b``)."""
         return self.url("meta") if stage == "ingest" else self.url(stage)
 
+    def status_dir(self, stage: str) -> str:
+        """Where the status records and the config of ``stage`` live (``STORE/_status/<stage>``)."""
+        return self.url(STATUS_DIR, stage)
+
     def status_url(self, stage: str, shard: str) -> str:
-        return fs.join(self.stage_dir(stage), STATUS_DIR, shard + ".json")
+        return fs.join(self.status_dir(stage), shard + ".json")
 
     # ---- existence ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -156,9 +160,11 @@ class Store:
     def completed(self, stage: str) -> dict[str, dict[str, Any]]:
         """All status records of a stage, by shard name."""
         out = {}
-        folder = fs.join(self.stage_dir(stage), STATUS_DIR)
+        folder = self.status_dir(stage)
         for name in fs.ls(folder, ".json"):
-            out[name[: -len(".json")]] = json.loads(fs.read_text(fs.join(folder, name)))
+            shard = name[: -len(".json")]
+            if shard.isdigit():
+                out[shard] = json.loads(fs.read_text(fs.join(folder, name)))
         return out
 
     def shards(self) -> list[str]:
@@ -169,14 +175,14 @@ class Store:
         """Every ``<kind>/<tag>`` present in the store."""
         out = []
         for kind in STAGE_KINDS:
-            for tag in fs.ls(self.url(kind)):
+            for tag in fs.ls(self.url(STATUS_DIR, kind)):
                 if not tag.startswith((".", "_")):
                     out.append(f"{kind}/{tag}")
         return out
 
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
-        url = fs.join(self.stage_dir(stage), CONFIG_NAME)
+        url = fs.join(self.status_dir(stage), CONFIG_NAME)
         return json.loads(fs.read_text(url)) if fs.exists(url) else None
 
     def claim_stage(self, stage: str, settings: dict[str, Any]) -> None:
@@ -191,7 +197,7 @@ class Store:
                 )
             return
         rec = {"stage": stage, "settings": settings, "tool_version": __version__, "created": now_iso()}
-        fs.atomic_write(fs.join(self.stage_dir(stage), CONFIG_NAME), json.dumps(rec, indent=1, sort_keys=True))
+        fs.atomic_write(fs.join(self.status_dir(stage), CONFIG_NAME), json.dumps(rec, indent=1, sort_keys=True))
 
     # ---- reading shards ----------------------------------------------------------------------
     def read_meta(self, shard: str, columns: list[str] | None = None) -> pa.Table:

@@ -1,0 +1,268 @@
+"""`alphaset manifest show|stats|verify|plot|view …`: the command-line side of pipeline.manifest,
+pipeline.views and curation.plots."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline import manifest
+from pipeline.store import Store
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+SHOW_EPILOG = """\
+Reads: STORE/manifest.json and every status record.  Writes: nothing.
+Example: alphaset manifest show --store ./store"""
+STATS_EPILOG = """\
+Reads: STORE/meta/*.parquet, every scores/<tag> and captions/<tag> table, status records.
+Writes: nothing.
+Example: alphaset manifest stats --store ./store --json > stats.json"""
+VERIFY_EPILOG = """\
+Reads: every file of the store (images, meta, every stage output, status records).
+Writes: nothing.  Exits 1 when it finds a problem (files without a status record are warnings).
+Example: alphaset manifest verify --store ./store --decode"""
+PLOT_EPILOG = """\
+Reads: meta, scores/<tag>, captions/<tag>, images/*.tar (contact sheets).
+Writes: DIR/*.png (histograms, top/bottom contact sheets).
+Example: alphaset manifest plot --store ./store --out ./plots --captions llava-1.5-7b"""
+VIEW_EPILOG = """\
+Reads: meta, every scores/<tag> (incl. scores/dedup), one captions/<tag>.
+Writes: STORE/views/NAME.parquet (key, shard; the expression, tags and counts in its metadata).
+The expression is SQL over the joined columns (an unknown name lists them); min(a, b), max(a, b) work.
+Examples (the three PixArt-alpha stages):
+  # 1. pixel dependencies: class-conditional, ImageNet-style tree ingested with --label-from-dir
+  alphaset manifest view create stage1 --store S --where 'label is not null and min(width, height) >= 256 and dup_of is null'
+  # 2. text-image alignment: SA-1B with dense LLaVA captions
+  alphaset manifest view create stage2 --store S --captions llava-1.5-7b --where "source = 'sam' and caption is not null and dup_of is null"
+  # 3. high aesthetics at high resolution
+  alphaset manifest view create stage3 --store S --where 'clip_aesthetic >= 6 and min(width, height) >= 1024 and dup_of is null'"""
+
+
+def _store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store directory or fsspec URL")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _print(args: argparse.Namespace, info, lines) -> None:
+    print(manifest.dumps(info) if args.json else "\n".join(lines(info)))
+
+
+def _show(args: argparse.Namespace) -> int:
+    _print(args, manifest.show(Store(args.store)), manifest.show_lines)
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    _print(args, manifest.stats(Store(args.store)), manifest.stats_lines)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    info = manifest.verify(Store(args.store), decode=args.decode)
+    _print(args, info, manifest.verify_lines)
+    return 0 if info["ok"] else 1
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from curation.plots import plot_store
+
+    info = plot_store(Store(args.store), args.out, captions=args.captions, n=args.n)
+    if args.json:
+        print(manifest.dumps(info))
+        return 0
+    for path in info["written"]:
+        print(f"wrote {path}")
+    for plot, why in info["skipped"].items():
+        print(f"skipped {plot}: {why}")
+    return 0
+
+
+def _scores(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _view_create(args: argparse.Namespace) -> int:
+    from pipeline.views import create_view
+
+    info = create_view(
+        Store(args.store),
+        args.name,
+        args.where,
+        captions=args.captions,
+        scores=_scores(args.scores),
+        replace=args.replace,
+    )
+    if args.json:
+        print(manifest.dumps(info))
+        return 0
+    print("\n".join(_view_lines(info)))
+    return 0
+
+
+def _view_lines(info: dict) -> list[str]:
+    tags = [f"scores/{t}" for t in info["scores"]] + (
+        [f"captions/{info['captions']}"] if info["captions"] else []
+    )
+    out = [
+        f"view {info['name']}: {info['selected']} of {info['candidates']} ok samples selected "
+        f"by {info['where']!r} (tags: {', '.join(tags) or 'meta only'})",
+    ]
+    for stage, n in info.get("incomplete_stages", {}).items():
+        out.append(f"  note: {stage} is missing on {n} shard(s); their rows have null values there")
+    return out
+
+
+def _view_list(args: argparse.Namespace) -> int:
+    from pipeline.views import list_views
+
+    views = list_views(Store(args.store))
+    if args.json:
+        print(manifest.dumps(views))
+    elif not views:
+        print("no views")
+    for v in [] if args.json else views:
+        print(f"{v['name']:<16} {v['selected']:>8} / {v['candidates']:<8} {v['where']}")
+    return 0
+
+
+def _view_show(args: argparse.Namespace) -> int:
+    from pipeline.views import read_view, view_info
+
+    store = Store(args.store)
+    info = view_info(store, args.name)
+    if args.json:
+        print(manifest.dumps(info))
+        return 0
+    lines = _view_lines(info)
+    lines.append(f"  created {info['created']} with alphaset {info['tool_version']}")
+    lines.append(
+        "  by shard: " + ", ".join(f"{s} {n}" for s, n in info["selected_by_shard"].items())
+    )
+    if args.keys:
+        keys = read_view(store, args.name)["key"].to_pylist()
+        lines.extend(f"  {k}" for k in keys[: args.keys])
+    print("\n".join(lines))
+    return 0
+
+
+def _view_drop(args: argparse.Namespace) -> int:
+    from pipeline.views import drop_view
+
+    drop_view(Store(args.store), args.name)
+    print(f"dropped view {args.name}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "manifest",
+        help="inspect, check, plot and slice a store (show, stats, verify, plot, view)",
+        description="Inspect, check, plot and slice a store.",
+        epilog="Example: alphaset manifest show --store ./store",
+        formatter_class=_FMT,
+    )
+    cmds = p.add_subparsers(dest="manifest_command", metavar="ACTION")
+    cmds.required = True
+
+    s = cmds.add_parser(
+        "show",
+        help="shards, rows and which stages are done where",
+        epilog=SHOW_EPILOG,
+        formatter_class=_FMT,
+    )
+    _store(s)
+    _json(s)
+    s.set_defaults(func=_show)
+
+    s = cmds.add_parser(
+        "stats",
+        help="counts, size and score percentiles, errors by reason, coverage",
+        epilog=STATS_EPILOG,
+        formatter_class=_FMT,
+    )
+    _store(s)
+    _json(s)
+    s.set_defaults(func=_stats)
+
+    s = cmds.add_parser(
+        "verify",
+        help="re-read everything; check checksums, counts, key alignment",
+        epilog=VERIFY_EPILOG,
+        formatter_class=_FMT,
+    )
+    _store(s)
+    s.add_argument("--decode", action="store_true", help="also decode every image (slow)")
+    _json(s)
+    s.set_defaults(func=_verify)
+
+    s = cmds.add_parser(
+        "plot",
+        help="PNG histograms and top/bottom contact sheets",
+        epilog=PLOT_EPILOG,
+        formatter_class=_FMT,
+    )
+    _store(s)
+    s.add_argument("--out", required=True, help="folder (or fsspec URL) for the PNG files")
+    s.add_argument(
+        "--captions", default=None, help="caption tag to show (default: the only one, if one)"
+    )
+    s.add_argument("--n", type=int, default=16, help="images per contact sheet (default 16)")
+    _json(s)
+    s.set_defaults(func=_plot)
+
+    v = cmds.add_parser(
+        "view",
+        help="named selections of keys for training stages",
+        epilog=VIEW_EPILOG,
+        formatter_class=_FMT,
+    )
+    vcmds = v.add_subparsers(dest="view_command", metavar="ACTION")
+    vcmds.required = True
+    c = vcmds.add_parser(
+        "create", help="select keys with a SQL filter", epilog=VIEW_EPILOG, formatter_class=_FMT
+    )
+    c.add_argument("name", help="view name (letters, digits, '_', '-', '.')")
+    c.add_argument(
+        "--where", required=True, help="SQL filter, e.g. 'clip_aesthetic > 5.5 and width >= 512'"
+    )
+    c.add_argument(
+        "--captions",
+        default=None,
+        help="caption tag joined as column 'caption' (default: the only one)",
+    )
+    c.add_argument(
+        "--scores",
+        default=None,
+        help="comma-separated score tags to join (default: all, incl. dedup)",
+    )
+    c.add_argument("--replace", action="store_true", help="overwrite an existing view of that name")
+    _store(c)
+    _json(c)
+    c.set_defaults(func=_view_create)
+    c = vcmds.add_parser(
+        "list",
+        help="every view with its counts and expression",
+        epilog=VIEW_EPILOG,
+        formatter_class=_FMT,
+    )
+    _store(c)
+    _json(c)
+    c.set_defaults(func=_view_list)
+    c = vcmds.add_parser(
+        "show",
+        help="a view's expression, tags and counts",
+        epilog=VIEW_EPILOG,
+        formatter_class=_FMT,
+    )
+    c.add_argument("name")
+    c.add_argument("--keys", type=int, default=0, help="also print the first N keys")
+    _store(c)
+    _json(c)
+    c.set_defaults(func=_view_show)
+    c = vcmds.add_parser("drop", help="delete a view", epilog=VIEW_EPILOG, formatter_class=_FMT)
+    c.add_argument("name")
+    _store(c)
+    c.set_defaults(func=_view_drop)

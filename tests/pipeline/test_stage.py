@@ -1,0 +1,77 @@
+"""The shard-stage runner with a real (trivial) worker: skip done shards, retry dead actors,
+report failures, resume."""
+
+import os
+import sys
+
+import pyarrow as pa
+import pytest
+
+from pipeline import fs
+from pipeline.ingest.folder import folder_samples
+from pipeline.ingest.writer import IngestConfig, ingest
+from pipeline.stage import StageSpec, run_stage
+from pipeline.store import Store, StoreError
+
+
+class KeyLengthWorker:
+    """Writes len(key) per ok key. ``die_once`` makes the process exit on its first try of a shard
+    (a real actor death); ``fail`` raises on a shard every time."""
+
+    def __init__(self, store: str, die_once: str | None = None, fail: str | None = None, marker: str = ""):
+        self.store = Store(store)
+        self.die_once, self.fail, self.marker = die_once, fail, marker
+
+    def __call__(self, shard: str) -> dict:
+        if shard == self.fail:
+            raise RuntimeError(f"cannot process {shard}")
+        if shard == self.die_once and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        keys = self.store.ok_keys(shard)
+        table = pa.table({"key": keys, "n": [len(k) for k in keys], "error": [None] * len(keys)})
+        stage = "scores/keylen"
+        checksum = fs.write_parquet(self.store.url(stage, f"{shard}.parquet"), table)
+        return self.store.write_status(
+            stage, shard, {"rows": len(keys), "ok": len(keys), "errors": 0, "checksum": checksum}
+        )
+
+
+@pytest.fixture()
+def store(photos_dir, tmp_path):
+    st = Store(str(tmp_path / "store"))
+    ingest(st, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=2), progress=False)
+    return st
+
+
+def spec(store, **kw):
+    return StageSpec(stage="scores/keylen", worker_cls=KeyLengthWorker, worker_kwargs={"store": store.root, **kw}, settings={"v": 1}, workers=2)
+
+
+def test_local_run_then_skip(store):
+    s = run_stage(store, spec(store), progress=False, use_ray=False)
+    assert s.done == ["000000", "000001", "000002"] and s.rows == 6 and s.ok
+    again = run_stage(store, spec(store), progress=False, use_ray=False)
+    assert again.done == [] and again.skipped == ["000000", "000001", "000002"]
+    assert store.refresh_manifest()["stages"]["scores/keylen"]["shards"].keys() == {"000000", "000001", "000002"}
+
+
+def test_ray_retries_a_dead_actor_and_reports_a_failing_shard(store, ray_local, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sp = spec(store, die_once="000001", fail="000002", marker=str(tmp_path / "died"))
+    s = run_stage(store, sp, progress=False)
+    assert os.path.exists(tmp_path / "died")
+    assert sorted(s.done) == ["000000", "000001"]
+    assert list(s.failed) == ["000002"] and "cannot process 000002" in s.failed["000002"]
+    assert s.retries >= 3  # one for the death, two for the failing shard
+    assert not store.status("scores/keylen", "000002")
+
+
+def test_settings_change_is_refused(store):
+    run_stage(store, spec(store), progress=False, use_ray=False)
+    other = spec(store)
+    other.settings = {"v": 2}
+    with pytest.raises(StoreError, match="other settings"):
+        run_stage(store, other, progress=False, use_ray=False)
