@@ -6,11 +6,13 @@ into an error row. Nothing here trusts the file extension: the format is read fr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # PIL's own bomb guard is a warning below 2x its limit; we decide ourselves from the header.
 Image.MAX_IMAGE_PIXELS = None
@@ -37,6 +39,10 @@ def decode(
     """
     if not data:
         raise ImageError("empty file")
+    riff_size = 8 + int.from_bytes(data[4:8], "little")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) < riff_size:
+        # libwebp refuses a cut file with an opaque "could not create decoder object".
+        raise ImageError("truncated image: WebP shorter than its RIFF header says")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -49,15 +55,12 @@ def decode(
     if w * h > max_pixels:
         raise ImageError(f"decompression bomb: {w}x{h} exceeds {max_pixels} pixels")
     fmt = img.format or "unknown"
-    if fmt == "JPEG" and b"\xff\xd9" not in data[-4096:]:
-        # libjpeg pads a truncated scan with grey and only warns; a half-grey image must never train.
-        raise ImageError("truncated image (JPEG end marker missing)")
     orig_size = img.size
     if fmt == "JPEG" and max_side and max(w, h) > max_side:
         scale = max_side / max(w, h)
         img.draft(img.mode, (int(w * scale) + 1, int(h * scale) + 1))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _strict_truncation():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
     except OSError as e:
@@ -71,13 +74,31 @@ def decode(
         info["orientation"] = img.getexif().get(0x0112)
     except Exception:
         info["orientation"] = None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as e:  # malformed EXIF: keep the stored orientation, but say so
-        info["exif_error"] = str(e)
+    if info["orientation"] not in (None, 1):  # exif_transpose copies the image even when upright
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:  # malformed EXIF: keep the stored orientation, but say so
+            info["exif_error"] = str(e)
     img, had_alpha = to_rgb(img)
     info["had_alpha"] = had_alpha
     return img, info
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make PIL raise on truncated data even if some library set ``LOAD_TRUNCATED_IMAGES``.
+
+    With that flag libjpeg pads a truncated scan with grey and only warns: a half-grey image must
+    never reach training. PIL's own check is exact (it fails whenever the decoder runs out of
+    data), unlike looking for the JPEG end marker, which rejects valid files with trailing data
+    (e.g. motion photos that append a video after the JPEG).
+    """
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:

@@ -55,6 +55,8 @@ def _walk(root: str, label_from_dir: bool) -> Iterator[RawSample]:
         problems.append((e.filename or "?", e.strerror or str(e)))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        # Folders os.walk could not list become error rows, so the summary counts them.
+        yield from _unreadable(root, problems)
         dirnames.sort()
         for name in sorted(filenames):
             if not name.lower().endswith(IMAGE_SUFFIXES) or name.startswith("."):
@@ -67,18 +69,31 @@ def _walk(root: str, label_from_dir: bool) -> Iterator[RawSample]:
             label = os.path.basename(dirpath) if label_from_dir and dirpath != root else None
             yield RawSample(
                 key=make_key(os.path.splitext(name)[0], f"folder:{root}:{rel}"),
-                path=rel,
+                path=printable(rel),
                 file=full,
                 alt_text=alt_text,
-                label=label,
+                label=printable(label) if label else None,
                 source_meta=meta,
             )
-        # Report folders os.walk could not list as error rows, so the summary counts them.
-        while problems:
-            path, why = problems.pop(0)
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
-            yield RawSample(
-                key=make_key(os.path.basename(path), f"folder-unreadable:{root}:{rel}"),
-                path=rel + "/",
-                error=f"unreadable directory: {why}",
-            )
+    # The last folder os.walk tried to list may have failed after the final yield.
+    yield from _unreadable(root, problems)
+
+
+def _unreadable(root: str, problems: list[tuple[str, str]]) -> Iterator[RawSample]:
+    while problems:
+        path, why = problems.pop(0)
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        yield RawSample(
+            key=make_key(os.path.basename(path), f"folder-unreadable:{root}:{rel}"),
+            path=printable(rel) + "/",
+            error=f"unreadable directory: {why}",
+        )
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text for the meta table.
+
+    POSIX names are bytes; Python keeps undecodable ones as lone surrogates, which Parquet and
+    JSON cannot store. Those bytes are shown as U+FFFD; the key still hashes the exact name.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

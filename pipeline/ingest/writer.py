@@ -12,8 +12,8 @@ import json
 import multiprocessing as mp
 import re
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,14 +31,19 @@ def make_key(name: str, identity: str) -> str:
     Keys never contain dots (WebDataset splits member names at the first dot) or slashes.
     """
     slug = _SLUG.sub("_", name).strip("_")[:40] or "img"
-    digest = hashlib.blake2b(identity.encode("utf-8"), digest_size=8).hexdigest()
+    # surrogateescape: a POSIX file name that is not valid UTF-8 still hashes to its exact bytes.
+    digest = hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
     return f"{slug}-{digest}"
 
 
 @dataclass
 class RawSample:
     """One source item before decoding. Either ``data`` or ``file`` (a local path) gives the bytes;
-    ``error`` set means the item is already known to be bad (it becomes an error row)."""
+    ``error`` set means the item is already known to be bad (it becomes an error row).
+
+    A problem that does not cost the image (a malformed sidecar) goes into
+    ``source_meta["sidecar_problem"]``; the summary counts it as a note.
+    """
 
     key: str
     path: str
@@ -78,6 +83,7 @@ class IngestSummary:
     added: int = 0
     ok: int = 0
     errors: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
     skipped_existing: int = 0
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -96,6 +102,8 @@ class IngestSummary:
             out.append("  nothing new: the store already holds every sample of this source")
         for reason, n in self.errors.most_common():
             out.append(f"  error  {n:>7}  {reason}")
+        for reason, n in self.notes.most_common():
+            out.append(f"  note   {n:>7}  {reason} (image kept)")
         return out
 
 
@@ -140,7 +148,13 @@ def process(raw: RawSample, cfg: IngestConfig) -> tuple[dict[str, Any], dict[str
         orig_width=info["orig_width"],
         orig_height=info["orig_height"],
     )
-    sidecar = {k: v for k, v in row.items() if v is not None and k not in ("status", "source_meta")}
+    if raw.source_meta and raw.source_meta.get("sidecar_problem"):
+        row["_note"] = error_category(str(raw.source_meta["sidecar_problem"]))
+    sidecar = {
+        k: v
+        for k, v in row.items()
+        if v is not None and k not in ("status", "source_meta") and not k.startswith("_")
+    }
     if raw.source_meta:
         sidecar["source_meta"] = raw.source_meta
     files = {ext: stored, "json": json.dumps(sidecar, sort_keys=True).encode()}
@@ -196,7 +210,7 @@ def ingest(
         if cfg.workers > 1:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
             pool = ctx.Pool(cfg.workers)
-            results = pool.imap(_Processor(cfg), fresh(), chunksize=4)
+            results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
         else:
             results = map(_Processor(cfg), fresh())
         batch: list[tuple[dict, dict | None]] = []
@@ -219,6 +233,22 @@ def ingest(
     return summary
 
 
+def _bounded_imap(pool, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``pool.imap`` in order, but with at most ``window`` items in flight.
+
+    ``Pool.imap`` drains its input in a feeder thread as fast as it can; a source that carries
+    image bytes (a tar, a download) would then sit in memory whole. Here the source is read only
+    as fast as the workers finish.
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _write_shard(
     store: Store,
     shard: str,
@@ -232,7 +262,10 @@ def _write_shard(
     rows = []
     samples = []
     errors: Counter = Counter()
+    notes: Counter = Counter()
     for row, files in batch:
+        if row.get("_note"):
+            notes[row.pop("_note")] += 1
         row["shard"] = shard
         row["source"] = source
         rows.append(row)
@@ -250,6 +283,7 @@ def _write_shard(
             "ok": len(samples),
             "errors": sum(errors.values()),
             "errors_by_reason": dict(errors),
+            "notes_by_reason": dict(notes),
             "source": source,
             "checksum": checksum,
             "meta_checksum": meta_checksum,
@@ -261,3 +295,4 @@ def _write_shard(
     summary.added += len(rows)
     summary.ok += len(samples)
     summary.errors.update(errors)
+    summary.notes.update(notes)
