@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "pipeline.manifest_cli",
     "training.features_cli",
     "training.cli",
+    "training.sample_cli",
+    "training.finetune_cli",
     "pipeline.demo",
 ]
 
