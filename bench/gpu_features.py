@@ -1,0 +1,198 @@
+"""Benchmark (GPU): the feature stage against bare T5-XXL and SD-VAE, real sizes, same run.
+
+    python bench/gpu_features.py [--out results.json]        # CUDA, bf16, real-size models
+    python bench/gpu_features.py --tiny                      # CPU smoke run of the same code
+
+Models are the real architectures at random weights, built in GPU memory (no download, no disk):
+the T5 v1.1 XXL encoder (d_model 4096, 24 layers, 64 heads, d_kv 64, d_ff 10240, gated-gelu;
+~4.7 B parameters, ~9.5 GB in bf16) and the SD VAE (128-256-512-512, 2 layers per block).
+The tokenizer is the tiny in-process Unigram one (token ids < 32128; captions of 15-45 words
+come out at ~60-120+ tokens, many truncated at 120 — about what LLaVA captions give with T5's).
+
+For each resolution (256, 512, 1024 px: 1024, 512, 256 images; square crops from ~1.3k px JPEGs):
+  bare   T5 forward at batch 128 on pre-tokenised captions — both PixArt's padded-to-120 and the
+         stage's sorted-by-length batching; the faster is used — + VAE encode of the same crops
+         already on the GPU; outputs to host as fp16.
+  stage  `FeatureWorker.from_models` (the stage worker, no Ray) on the shards: read, clean,
+         tokenise, decode/crop in threads, both models, stream the WebDataset shard, status.
+ratio = (bare T5 + bare VAE) / stage, per rep (measured side by side), best of ``--reps`` (the
+first rep still pays one-off costs); target >= 0.9. Shards hold 256 images (the production
+default is 1000: the per-shard tail — last samples, fsync — weighs more here, so this errs low).
+Anchors from the issue (H200, bf16): T5-XXL 328 captions/s at batch 128; VAE 736 img/s at 256 px, 178 at 512, 33 at 1024.
+Needs torch, transformers, diffusers, pyarrow, fsspec, pillow, scikit-image; not Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/features.py: shared helpers
+
+from features import (  # noqa: E402
+    bare_t5,
+    bare_vae,
+    make_photos,
+    make_store,
+    run_stage_worker,
+    shard_texts_and_crops,
+)
+
+T5_XXL = dict(
+    d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, feed_forward_proj="gated-gelu",
+    vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=0.18215,
+)  # fmt: skip
+TINY_T5 = dict(T5_XXL, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128)
+TINY_VAE = dict(SD_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
+ANCHORS = {"t5_captions_per_s": 328, "vae_img_per_s": {256: 736, 512: 178, 1024: 33}}
+
+
+def build_models(tiny: bool, device: str, dtype: Any, tok_dir: Path) -> tuple[Any, Any, Any]:
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import T5Config, T5EncoderModel
+
+    from training.feature_models import _dtype_kwarg, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(str(tok_dir))
+    torch.manual_seed(0)
+    with torch.device(device):  # weights are created (and initialised) on the GPU
+        t5 = T5EncoderModel._from_config(
+            T5Config(**(TINY_T5 if tiny else T5_XXL)), **_dtype_kwarg(dtype)
+        )
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE)).to(dtype)
+    return t5.eval().requires_grad_(False), tokenizer, vae.eval().requires_grad_(False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny models on CPU: a smoke run of this script"
+    )
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--out", default=None, help="write the figures as JSON here too")
+    args = ap.parse_args()
+
+    import torch
+
+    from pipeline.store import Store
+    from training.features import FeatureSettings, FeatureWorker
+    from training.text import TextEncoder
+    from training.vae import VaeEncoder
+
+    if args.tiny:
+        device, dtype = "cpu", torch.float32
+        plan = {256: (16, 8), 512: (8, 4), 1024: (4, 2)}  # resolution → (images, VAE batch)
+        shard_size, long_side, text_batch = 4, 640, 16
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --tiny for the CPU smoke run")
+        device, dtype = "cuda", torch.bfloat16
+        plan = {256: (1024, 64), 512: (512, 32), 1024: (256, 8)}
+        shard_size, long_side, text_batch = args.shard_size, 1300, 128
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-features-"))
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tiny": args.tiny,
+        "anchors_h200": ANCHORS,
+        "by_resolution": {},
+    }
+    try:
+        # 1. Data: one store, shards of `shard_size`; each resolution uses the first shards.
+        t = time.perf_counter()
+        n_max = max(n for n, _ in plan.values())
+        make_photos(work / "photos", n_max, long_side=long_side, words=(15, 45))
+        store = make_store(work / "store", work / "photos", shard_size)
+        shards = Store(store).shards()
+        results["data_s"] = round(time.perf_counter() - t, 1)
+
+        # 2. Models, in memory.
+        t = time.perf_counter()
+        t5, tokenizer, vae = build_models(args.tiny, device, dtype, work / "tokenizer")
+        text = TextEncoder(t5, tokenizer, max_length=120, batch_size=text_batch)
+        vae_enc = VaeEncoder(vae)
+        results["models_s"] = round(time.perf_counter() - t, 1)
+        results["t5_params_b"] = round(sum(p.numel() for p in t5.parameters()) / 1e9, 3)
+
+        # 3. Per resolution: bare models, then the stage worker, alternating for --reps.
+        for res, (n, batch) in plan.items():
+            use = shards[: max(1, n // shard_size)]
+            texts, crops = shard_texts_and_crops(store, use, res)
+            n_img = len(texts)
+            counts = [
+                len(x) for x in tokenizer(texts, truncation=True, max_length=120)["input_ids"]
+            ]
+            settings = FeatureSettings(
+                resolution=res, captions="alt", batch_size=batch, text_batch_size=text_batch
+            )
+            worker = FeatureWorker.from_models(
+                store, f"features/warm{res}", text, vae_enc, settings
+            )
+            worker(use[0])  # warm-up: kernels for these shapes, thread pools, pinned memory
+            bare_vae(vae, {k: v[:batch] for k, v in crops.items()}, batch)
+            t5_sorted, t5_padded, vae_s, stage_s, ratios = [], [], [], [], []
+            records: list[dict] = []
+            for rep in range(args.reps):  # bare and stage side by side; each rep its own ratio
+                t5_sorted.append(bare_t5(t5, tokenizer, texts, text_batch, 120, padded=False))
+                t5_padded.append(bare_t5(t5, tokenizer, texts, text_batch, 120, padded=True))
+                vae_s.append(bare_vae(vae, crops, batch))
+                worker.stage = f"features/bench{res}-{rep}"
+                secs, records = run_stage_worker(worker, use)
+                stage_s.append(secs)
+                shutil.rmtree(Path(store) / "features" / f"bench{res}-{rep}", ignore_errors=True)
+                ratios.append((min(t5_sorted[-1], t5_padded[-1]) + vae_s[-1]) / secs)
+            best = max(range(args.reps), key=lambda i: ratios[i])
+            results["by_resolution"][res] = r = {
+                "images": n_img,
+                "shards": len(use),
+                "vae_batch": batch,
+                "mean_tokens": round(sum(counts) / len(counts), 1),
+                "truncated": sum(rec["truncated"] for rec in records),
+                "stage_errors": sum(rec["errors"] for rec in records),
+                "bare_t5_padded120_captions_per_s": round(n_img / min(t5_padded), 1),
+                "bare_t5_sorted_captions_per_s": round(n_img / min(t5_sorted), 1),
+                "bare_vae_img_per_s": round(n_img / min(vae_s), 1),
+                "stage_img_per_s": round(n_img / min(stage_s), 1),
+                "stage_s_by_rep": [round(x, 3) for x in stage_s],
+                "ratio_by_rep": [round(x, 3) for x in ratios],
+                "ratio": round(ratios[best], 3),
+            }
+            print(
+                f"{res}px: {n_img} images  bare T5 {r['bare_t5_padded120_captions_per_s']} cap/s (padded 120), "
+                f"{r['bare_t5_sorted_captions_per_s']} (sorted)  bare VAE {r['bare_vae_img_per_s']} img/s  "
+                f"stage {r['stage_img_per_s']} img/s  ratio {r['ratio']} (target >= 0.9)",
+                flush=True,
+            )
+        if device == "cuda":
+            results["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+        print(json.dumps(results, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

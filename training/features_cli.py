@@ -1,0 +1,114 @@
+"""`alphaset features`: the command-line side of `training.features.extract_features`."""
+
+from __future__ import annotations
+
+import argparse
+
+from training.buckets import RESOLUTIONS
+
+EPILOG = """\
+Reads:  STORE/images/, STORE/meta/, the caption source (captions/<TAG>/, or meta alt_text / label),
+        STORE/views/<NAME>.parquet with --view.
+Writes: STORE/features/<tag>/NNNNNN.tar (WebDataset: <key>.t5.npy, .mask.npy, .vae.npy, .json),
+        STORE/features/<tag>/_null.npz (empty caption, for CFG), STORE/_status/features/<tag>/
+        (config.json + one status record per shard), manifest.json.
+        Re-running resumes: finished shards are skipped.
+Default tag: {t5}_{vae}_{resolution}[ms]_{captions}, e.g. t5-v1_1-xxl_sd-vae-ft-ema_512ms_llava-1-5-7b.
+Example: alphaset features --store ./store --resolution 512 --multi-scale --view stage2 \\
+           --captions llava-1.5-7b --workers 8 --gpus-per-worker 1"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from training.features import extract_features
+
+    summary = extract_features(
+        args.store,
+        resolution=args.resolution,
+        t5=args.t5,
+        vae=args.vae,
+        multi_scale=args.multi_scale,
+        view=args.view,
+        captions=args.captions,
+        tag=args.tag,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
+        text_batch_size=args.text_batch_size,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        threads=args.threads,
+        use_ray=not args.no_ray,
+        progress=not args.no_progress,
+    )
+    print("\n".join(summary.lines()))
+    return 0 if summary.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features",
+        help="T5 text embeddings + VAE latents in PixArt's aspect-ratio buckets (Ray stage)",
+        description="Precompute T5 caption embeddings and VAE latents, shard-aligned, for training.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--store", required=True, help="store directory or fsspec URL")
+    p.add_argument(
+        "--resolution", type=int, required=True, choices=RESOLUTIONS, help="training resolution"
+    )
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="each image to its nearest PixArt aspect-ratio bucket (ratios 0.25-4.0); default: square crop",
+    )
+    p.add_argument("--view", default=None, help="only the keys of views/NAME.parquet")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="caption source: a caption TAG, 'alt' (ingested alt text) or 'label' ('a photo of a {label}'); "
+        "default: the store's only caption tag, else alt",
+    )
+    p.add_argument("--t5", default="t5-v1_1-xxl", help="T5 preset (t5-v1_1-xxl, tiny) or local DIR")
+    p.add_argument(
+        "--vae", default="sd-vae-ft-ema", help="VAE preset (sd-vae-ft-ema, tiny) or local DIR"
+    )
+    p.add_argument(
+        "--tag", default=None, help="output tag (default: from models, resolution and captions)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="Ray actors, one model copy each (default 1)"
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor (default: 1 if CUDA is visible, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per actor (default 1)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (default 16)")
+    p.add_argument(
+        "--text-batch-size", type=int, default=128, help="captions per T5 batch (default 128)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=120, help="T5 tokens, padded (default 120, as PixArt)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="auto: bf16 on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="image decode threads per worker (default min(8, CPUs))",
+    )
+    p.add_argument(
+        "--no-ray", action="store_true", help="run in this process, without Ray (debugging)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
