@@ -181,7 +181,7 @@ def _run_ray(spec: StageSpec, todo: list[str], summary: StageSummary, finished, 
                         summary.failed[shard] = cause
                     else:
                         summary.retries += 1
-                        pending.append(shard)
+                        pending.appendleft(shard)  # next free actor takes it first
                     if dead:  # replace the actor (a fresh process, model loaded again)
                         ray.kill(actors[i], no_restart=True)
                         actors[i] = spawn()
