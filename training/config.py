@@ -73,9 +73,14 @@ class StageConfig:
     validation_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 14
     guidance_scale: float = 4.5
+    lora: dict[str, Any] | None = None  # { rank, alpha, targets }: train LoRA adapters only
 
     def validate(self) -> None:
         where = f"stage {self.name!r}"
+        if self.lora is not None:
+            from training.lora import LoraOptions, options_dict
+
+            self.lora = options_dict(LoraOptions.from_dict(self.lora, f"{where}: lora"))
         if not _NAME.match(self.name):
             raise ValueError(
                 f"{where}: name must match [A-Za-z0-9][A-Za-z0-9_.-]*, got {self.name!r}"

@@ -277,6 +277,15 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
         kind, ckpt, features = "export", info.get("checkpoint"), info.get("features") or {}
     else:
         ckpt = resolve_checkpoint(checkpoint)
+        base = read_state(ckpt).get("lora_base")
+        if base:  # a LoRA stage's checkpoint: its base model + the stage's adapters
+            from training.lora import LORA_FILE, LORA_MODEL_FILE
+
+            model = load_model(base, dtype=dtype, weights=weights)
+            adapter = os.path.join(ckpt, LORA_FILE if weights == "ema" else LORA_MODEL_FILE)
+            apply_lora(model, f"{adapter}")
+            model.source, model.checkpoint = os.path.abspath(checkpoint), ckpt
+            return model
         pipe = build_pipeline(ckpt, weights=weights, device="cpu", dtype=dtype)
         kind, features = "checkpoint", read_state(ckpt)["features"]
     tconfig = pipe.transformer.config
@@ -291,6 +300,18 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
         max_length=int(settings.get("max_length") or MAX_SEQUENCE_LENGTH),
         scheduler_config=dict(pipe.scheduler.config),
     )
+
+
+def apply_lora(model: Model, spec: str) -> float:
+    """Load the LoRA adapter ``PATH[:SCALE]`` into the model's transformer; return the scale."""
+    from training.lora import load_lora, parse_lora_arg
+
+    path, scale = parse_lora_arg(spec)
+    transformer = model.pipe.transformer
+    dtype = transformer.dtype
+    load_lora(transformer, path, scale)
+    transformer.to(dtype).eval()
+    return scale
 
 
 # ---- generation ---------------------------------------------------------------------------------
@@ -534,8 +555,14 @@ def sample(
     dtype: str = "auto",
     weights: str = "ema",
     progress: bool = False,
+    lora: str | None = None,
+    controlnet: str | None = None,
+    control_image: str | None = None,
 ) -> SampleResult:
-    """Load ``checkpoint`` (export or run/stage/step folder), generate, and write to ``out``."""
+    """Load ``checkpoint`` (export or run/stage/step folder), generate, and write to ``out``.
+
+    ``lora``: ``PATH[:SCALE]`` of a LoRA adapter file (or a LoRA stage's checkpoint folder).
+    ``controlnet`` + ``control_image``: a ControlNet (training.controlnet) and its edge map."""
     from training.feature_models import default_device, torch_dtype
 
     settings = SampleSettings(
@@ -552,13 +579,36 @@ def sample(
         prompts = [prompts]
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
+    if lora:  # a bad adapter fails before any model is loaded
+        from training.lora import parse_lora_arg, read_lora
+
+        read_lora(parse_lora_arg(lora)[0])
+    if (controlnet is None) != (control_image is None):
+        raise ValueError("--controlnet and --control-image go together")
+    if control_image is not None and not os.path.isfile(control_image):
+        raise FileNotFoundError(f"--control-image {control_image}: no such file")
     device = device or default_device()
     dt = torch_dtype(dtype, device)
     model = load_model(checkpoint, dtype=dt, weights=weights)
+    if lora:
+        apply_lora(model, lora)
+    if controlnet is not None and control_image is not None:
+        from training.controlnet import controlled_pipeline
+
+        w, h = settings.size or (model.resolution, model.resolution)
+        width, height = snap_size(w, h, model.resolution, model.unit)
+        controlled_pipeline(model.pipe, controlnet, control_image, width, height)
     gen = generate(model, prompts, settings, device=device, progress=progress)
     record, files = None, []
     if out is not None:
-        extra = {"device": device, "dtype": str(dt).replace("torch.", ""), "weights": weights}
+        extra = {
+            "device": device,
+            "dtype": str(dt).replace("torch.", ""),
+            "weights": weights,
+            "lora": lora,
+            "controlnet": controlnet,
+            "control_image": control_image,
+        }
         record = write_outputs(gen, settings, model, out, extra)
         files = [os.path.join(out, i["file"]) for i in record["images"]]
         files.append(os.path.join(out, GRID_FILE))

@@ -47,6 +47,9 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         weights=args.weights,
         progress=not args.quiet,
+        lora=args.lora,
+        controlnet=args.controlnet,
+        control_image=args.control_image,
     )
     s, gen = result.settings, result.generation
     w, h = gen.size
@@ -104,5 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="ema",
         help="checkpoint weights (default ema)",
     )
+    p.add_argument(
+        "--lora",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="LoRA adapter file (lora.safetensors) or LoRA checkpoint folder; SCALE default 1",
+    )
+    p.add_argument("--controlnet", default=None, help="ControlNet file/folder (finetune controlnet)")
+    p.add_argument("--control-image", default=None, help="edge map image for --controlnet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -41,6 +41,15 @@ from training.config import RunConfig, StageConfig, config_from_json, difference
 from training.data import DataPosition, FeatureBatches, FeatureSet, make_loader, open_features
 from training.diffusion import Diffusion, sample_latents
 from training.distributed import DistContext, local, wrap_model
+from training.lora import (
+    LORA_FILE,
+    LORA_MODEL_FILE,
+    LoraOptions,
+    add_lora,
+    load_lora_state,
+    lora_state_dict,
+    save_lora,
+)
 from training.model import build_transformer, load_weights, micro_conditions, transformer_config
 
 log = logging.getLogger(__name__)
@@ -197,7 +206,18 @@ def train_stage(
     model = build_transformer(tconfig, seed=cfg.seed)
     latest = latest_checkpoint(sdir) if resume else None
     state: dict[str, Any] | None = None
-    if latest is not None:
+    lora = LoraOptions.from_dict(stage.lora) if stage.lora else None
+    if latest is not None and lora is not None:  # LoRA: frozen base + the saved adapters
+        state = read_state(latest)
+        check_resumable(state, cfg, stage)
+        if state["lora_base"] != "scratch":
+            load_weights(model, init_source(state["lora_base"]), state["lora_base"])
+        add_lora(model, lora)
+        ema = copy.deepcopy(model)
+        load_lora_state(model, _load_safetensors(os.path.join(latest, LORA_MODEL_FILE)), latest)
+        load_lora_state(ema, _load_safetensors(os.path.join(latest, LORA_FILE)), latest)
+        start_step = int(state["step"])
+    elif latest is not None:
         state = read_state(latest)
         check_resumable(state, cfg, stage)
         load_weights(model, _load_safetensors(os.path.join(latest, MODEL_FILE)), latest)
@@ -212,6 +232,8 @@ def train_stage(
                     "stage %s: %d micro-condition tensor(s) (resolution/aspect embedders) are not in %s; "
                     "they start from PixArt's init", stage.name, len(fresh), init,
                 )  # fmt: skip
+        if lora is not None:
+            add_lora(model, lora)  # base frozen, adapters start at zero (B = 0)
         ema = copy.deepcopy(model)  # EMA starts at the initial weights
         start_step = 0
     ema.requires_grad_(False).eval()
@@ -347,6 +369,7 @@ def train_stage(
                 tconfig,
                 fset,
                 dist,
+                lora_base=init if lora is not None else None,
             )
             last_saved = step
         window.start += time.perf_counter() - t_extra
@@ -634,8 +657,12 @@ def save_checkpoint(
     tconfig: dict[str, Any],
     fset: FeatureSet,
     dist: DistContext,
+    lora_base: str | None = None,
 ) -> str:
-    """Write ``step-N`` atomically (temp folder + rename) from rank 0 with every rank's state."""
+    """Write ``step-N`` atomically (temp folder + rename) from rank 0 with every rank's state.
+
+    A LoRA stage (``lora_base``: the frozen base it adapts) writes only the adapter weights
+    (``lora.safetensors`` EMA, ``lora_model.safetensors`` raw), not the full model."""
     from safetensors.torch import save_file
 
     positions = dist.all_gather_object(position.to_dict())
@@ -643,15 +670,22 @@ def save_checkpoint(
     checksums = dist.all_gather_object(_param_checksum(model))
     if cfg.strategy == "ddp" and any(c != checksums[0] for c in checksums):
         raise RuntimeError(f"ranks hold different weights at step {step} (checksums {checksums})")
-    model_sd = _state_dict(model, cfg, dist)
-    ema_sd = _state_dict(ema, cfg, dist)
+    if lora_base is None:
+        model_sd = _state_dict(model, cfg, dist)
+        ema_sd = _state_dict(ema, cfg, dist)
     opt_sd = optimizer_state(optimizer, model, cfg, dist)
     final = checkpoint_dir(sdir, step)
     if dist.is_main:
         tmp = os.path.join(sdir, "checkpoints", f".step-{step}.tmp-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
-        save_file(model_sd, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-        save_file(ema_sd, os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
+        if lora_base is None:
+            save_file(model_sd, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+            save_file(ema_sd, os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
+        else:
+            opts = LoraOptions.from_dict(stage.lora or {})
+            info = {"base": lora_base, "stage": stage.name, "step": step}
+            save_lora(os.path.join(tmp, LORA_MODEL_FILE), lora_state_dict(model), opts, **info)
+            save_lora(os.path.join(tmp, LORA_FILE), lora_state_dict(ema), opts, **info)
         torch.save(opt_sd, os.path.join(tmp, OPTIMIZER_FILE))
         state = {
             "step": step,
@@ -669,6 +703,7 @@ def save_checkpoint(
             "rng": rngs,
             "param_checksums": checksums,
             "world_size": dist.world_size,
+            "lora_base": lora_base,
             "tool_version": __version__,
             "time": _now(),
         }

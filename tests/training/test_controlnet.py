@@ -1,0 +1,107 @@
+"""ControlNet (HED): the HED detector and edges stage, a zero-init ControlNet equals its base,
+training lowers the loss, and `alphaset sample --controlnet --control-image` uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.store import Store
+from training.controlnet import ControlNetTransformer, train_controlnet
+from training.hed import HED, edge_map, extract_edges, load_hed, read_edges, read_png
+
+pytest_plugins = ["conftest_train"]
+
+
+@pytest.fixture(scope="module")
+def edges_store(train_store) -> str:
+    summary = extract_edges(train_store, "tiny", 256, use_ray=False, progress=False)
+    assert summary.ok, summary.lines()
+    return train_store
+
+
+def test_hed_shapes_and_weights_roundtrip(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    model = load_hed("tiny")
+    rgb = np.random.default_rng(0).integers(0, 255, (37, 50, 3), dtype=np.uint8)
+    out = edge_map(model, rgb)
+    assert out.shape == (37, 50) and out.dtype == np.uint8
+    save_file(model.state_dict(), str(tmp_path / "hed.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "hed.pth")
+    for f in ("hed.safetensors", "hed.pth"):
+        assert np.array_equal(edge_map(load_hed(str(tmp_path / f)), rgb), out)
+    assert len(HED().stages[4]) == 6  # VGG-16 stage 5: 3 conv + 3 ReLU
+
+
+def test_edges_stage_rows_follow_the_shards(edges_store: str):
+    store = Store(edges_store)
+    edges = read_edges(store, "hed-256")
+    ok = [k for sh in store.shards() for k in store.ok_keys(sh)]
+    assert sorted(edges) == sorted(ok)
+    assert read_png(edges[ok[0]]).shape == (256, 256)
+    status = store.completed("edges/hed-256")
+    assert set(status) == set(store.shards()) and all(r["errors"] == 0 for r in status.values())
+
+
+def test_zero_init_controlnet_equals_the_base(trained_run: Path):
+    from training.export import load_transformer
+
+    base = load_transformer(str(trained_run / "align"))
+    net = ControlNetTransformer(base, blocks=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    text = torch.randn(2, 120, 64, generator=g)
+    mask = torch.ones(2, 120, dtype=torch.long)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        want = base(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t).sample
+        got = net(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                  control=torch.randn(1, 4, 32, 32, generator=g)).sample  # fmt: skip
+    assert torch.allclose(want, got, atol=1e-6)
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"copies", "before_proj", "after_proj"}
+
+
+def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run, tmp_path, kit):
+    path, losses = train_controlnet(
+        edges_store, str(trained_run / "align"), kit.TAG, "hed-256", str(tmp_path / "cn"),
+        view=kit.VIEW, steps=8, batch_size=4, lr=3e-3, progress=False,
+    )  # fmt: skip
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    edge = tmp_path / "edge.png"
+    from PIL import Image
+
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))).save(edge)
+    args = ["sample", "--checkpoint", str(trained_run / "align"), "--prompt", "a cat",
+            "--steps", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--controlnet", path, "--control-image", str(edge), "--out", str(tmp_path / "c")]) == 0
+    a = np.asarray(Image.open(tmp_path / "plain" / "000_seed0.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "c" / "000_seed0.png"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() > 0
+
+
+def test_controlnet_errors(trained_run, tmp_path, capsys):
+    from training.export import load_transformer
+
+    with pytest.raises(ValueError, match="--blocks must be 1-2"):
+        ControlNetTransformer(load_transformer(str(trained_run / "align")), blocks=3)
+    bad = tmp_path / "hed.pth"
+    bad.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        load_hed(str(bad))
+    args = ["sample", "--checkpoint", str(trained_run), "--prompt", "x"]
+    for extra in (["--control-image", "e.png"], ["--controlnet", "x", "--control-image", "e.png"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--control" in err
+    assert main(["edges", "--store", str(tmp_path), "--hed", "tiny", "--resolution", "300"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["finetune", "controlnet", "--store", str(tmp_path), "--base", str(tmp_path / "b"),
+                 "--features", "f", "--edges", "e", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "--base" in capsys.readouterr().err
