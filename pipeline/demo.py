@@ -112,8 +112,13 @@ def run_demo(out: str, config: str | None = None) -> int:
     t = _step("9. export to diffusers")
     from training.export import export_diffusers
 
-    export = export_diffusers(str(out_dir / "runs" / cfg.run.name), str(out_dir / "export"))
-    _done([f"{export}  (diffusers.PixArtAlphaPipeline.from_pretrained loads it)"], t)
+    export = str(out_dir / "export")
+    if (out_dir / "export" / "model_index.json").exists():
+        note = "already exported"
+    else:
+        export = export_diffusers(str(out_dir / "runs" / cfg.name), export)
+        note = "diffusers.PixArtAlphaPipeline.from_pretrained loads it"
+    _done([f"{export}  ({note})"], t)
 
     t = _step("10. sample with every sampler")
     from training.sample import SAMPLERS, sample
@@ -123,7 +128,14 @@ def run_demo(out: str, config: str | None = None) -> int:
         print(f"{name:>6}: {r.files[0]}")
     _done([], t)
 
-    _step("11. manifest stats and verify")
+    t = _step("11. LoRA: a few adapter steps on the aligned model, then sample with the adapter")
+    from training.lora import train_lora
+
+    ckpt = train_lora(store.root, str(out_dir / "runs" / cfg.name / "align"), "tiny_tiny_256_alt", str(out_dir / "runs"), steps=4, rank=4)
+    r = sample(export, ["a photo of a cat"], sampler="dpm", steps=4, lora=f"{ckpt}/lora.safetensors:0.8", out=str(out_dir / "samples" / "lora"), device="cpu")
+    _done([f"adapter: {ckpt}/lora.safetensors", f"sample: {r.files[0]}"], t)
+
+    _step("12. manifest stats and verify")
     from pipeline import manifest
 
     print("\n".join(manifest.stats_lines(manifest.stats(store))))
@@ -147,6 +159,10 @@ def _cmd(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     return run_demo(args.out, args.config)
 
 

@@ -1,0 +1,491 @@
+"""`alphaset dedup`: exact, near (perceptual hash) and semantic (CLIP cosine) duplicates across the
+whole store → ``scores/dedup/<shard>.parquet`` (key, dup_of, dup_kind, dup_score, error).
+
+Pairs come from three detectors: the same meta ``sha256`` (exact), a phash Hamming distance
+``<= phash_threshold`` (near) and an embedding cosine ``>= semantic_threshold`` (semantic). Pairs
+are edges; connected components of that graph are the duplicate groups (what a union-find gives,
+computed with scipy's sparse ``connected_components``). Each group keeps one image — highest
+``clip_aesthetic``, then most pixels, then smallest key — and every other member gets ``dup_of`` =
+the kept key, ``dup_kind`` = its strongest link (exact > phash > semantic) and ``dup_score`` = that
+link's similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic).
+
+Neighbour search is exact and blockwise in numpy up to ``EXACT_LIMIT`` vectors (measured by
+bench/dedup.py) and uses a usearch HNSW index above, fed shard by shard so memory is the index,
+not a copy of every embedding. Dedup is global: when any input changed (checksums of the ingest,
+score and embedding shards, recorded in the stage settings) it reruns completely; when nothing
+changed it does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import fs
+from pipeline.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+STAGE = "scores/dedup"
+KINDS = ("exact", "phash", "semantic")  # strongest first
+_PRIORITY = {"exact": 3, "phash": 2, "semantic": 1}
+# Below these sizes an exact blockwise search is faster than building an HNSW index (bench/dedup.py).
+# Measured on random data with bench/dedup.py (2 shared cores): exact wins up to ~50k-200k vectors
+# for 768-d cosine and ~100k 64-bit hashes; HNSW is the only way beyond (exact is quadratic).
+EXACT_LIMIT = {"phash": 100_000, "semantic": 100_000}
+BLOCK = 2048  # rows per tile of the exact search
+# HNSW search depth: on 100k random 768-d vectors (HNSW's worst case) the recall of planted
+# cosine-0.97 pairs is 0.967 at usearch's default 64, 0.979 at 128 and 0.999 at 256.
+SEARCH_EF = 256
+
+
+@dataclass
+class DedupConfig:
+    """Settings of `alphaset dedup`."""
+
+    embeddings: str | None = None  # score tag whose phash/aesthetic/embeddings are used
+    phash_threshold: int = 8  # max Hamming distance of the 64-bit phash
+    semantic_threshold: float = 0.95  # min cosine of L2-normalised CLIP embeddings
+    semantic: bool = True
+    neighbours: int = 16  # k of the approximate (usearch) search
+    exact_limit: int | None = None  # override EXACT_LIMIT for both kinds (tests, benchmarks)
+    threads: int = 0  # usearch threads; 0 = all cores
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_threshold <= 32:
+            raise ValueError(
+                f"--phash-threshold must be in 0..32 bits (of 64), got {self.phash_threshold}"
+            )
+        if not 0.0 < self.semantic_threshold <= 1.0:
+            raise ValueError(
+                f"--semantic-threshold must be a cosine in (0, 1], got {self.semantic_threshold}"
+            )
+        if self.neighbours < 1:
+            raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
+
+
+# ---- neighbour search -----------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """Edges ``i < j`` with a similarity in [0, 1]."""
+
+    i: np.ndarray
+    j: np.ndarray
+    score: np.ndarray
+    method: str = "exact"
+
+    @classmethod
+    def empty(cls, method: str = "exact") -> Pairs:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z.copy(), np.zeros(0, dtype=np.float32), method)
+
+    @classmethod
+    def concat(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], method: str) -> Pairs:
+        if not parts:
+            return cls.empty(method)
+        i, j, s = (np.concatenate(x) for x in zip(*parts, strict=True))
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        keep = lo != hi
+        lo, hi, s = lo[keep], hi[keep], s[keep]
+        # the same pair may come from both ends of an approximate search: keep one
+        order = np.lexsort((hi, lo))
+        lo, hi, s = lo[order], hi[order], s[order]
+        first = np.ones(len(lo), dtype=bool)
+        first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        return cls(lo[first], hi[first], s[first].astype(np.float32), method)
+
+    def __len__(self) -> int:
+        return len(self.i)
+
+
+def hamming_pairs(
+    hashes: np.ndarray,
+    threshold: int,
+    exact_limit: int | None = None,
+    k: int = 16,
+    threads: int = 0,
+    stats: dict[str, float] | None = None,
+) -> Pairs:
+    """Pairs of 64-bit hashes (uint64) within ``threshold`` bits; score = 1 − distance/64.
+
+    ``stats``, when given, receives the usearch index size and add/search seconds.
+    """
+    n = len(hashes)
+    limit = EXACT_LIMIT["phash"] if exact_limit is None else exact_limit
+    parts = []
+    if n <= limit:
+        for a in range(0, n, BLOCK):
+            x = hashes[a : a + BLOCK]
+            for c in range(a, n, BLOCK):
+                d = np.bitwise_count(x[:, None] ^ hashes[None, c : c + BLOCK])  # (B, B) bits
+                ii, jj = np.nonzero(d <= threshold)
+                parts.append((ii + a, jj + c, 1.0 - d[ii, jj] / 64.0))
+        return Pairs.concat(parts, "exact")
+    from usearch.index import Index
+
+    index = Index(ndim=64, metric="hamming", expansion_search=SEARCH_EF)
+    packed = hashes.astype(np.uint64).view(np.uint8).reshape(n, 8)
+    t0 = time.perf_counter()
+    index.add(np.arange(n, dtype=np.uint64), packed, threads=threads)
+    t1 = time.perf_counter()
+    for a in range(0, n, 1 << 16):
+        m = index.search(packed[a : a + (1 << 16)], min(k + 1, n), threads=threads)
+        keys, dist = m.keys.astype(np.int64), m.distances
+        ok = (dist <= threshold) & (keys >= 0)
+        rows = np.nonzero(ok)
+        parts.append((rows[0] + a, keys[rows], 1.0 - dist[rows] / 64.0))
+    if stats is not None:
+        stats.update(
+            index_bytes=index.memory_usage, add_s=t1 - t0, search_s=time.perf_counter() - t1
+        )
+    return Pairs.concat(parts, "usearch")
+
+
+def cosine_pairs(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    threshold: float,
+    exact_limit: int | None = None,
+    k: int = 16,
+    threads: int = 0,
+    stats: dict[str, float] | None = None,
+) -> Pairs:
+    """Pairs of L2-normalised vectors with cosine ``>= threshold``; score = the cosine.
+
+    ``chunks()`` yields the (n_i, D) vectors in order, and may be called twice (index, then query),
+    so the approximate path never holds more than the index and one chunk. The index stores fp16
+    vectors in an HNSW graph (usearch defaults: connectivity 16, expansion 128 on add; SEARCH_EF on
+    search). ``stats`` as in `hamming_pairs`.
+    """
+    limit = EXACT_LIMIT["semantic"] if exact_limit is None else exact_limit
+    parts = []
+    if n <= limit:
+        blocks = [np.asarray(c, dtype=np.float32) for c in chunks()]
+        emb = np.concatenate(blocks) if blocks else np.zeros((0, 1), np.float32)
+        n = len(emb)
+        for a in range(0, n, BLOCK):
+            x = emb[a : a + BLOCK]
+            for c in range(a, n, BLOCK):
+                sims = x @ emb[c : c + BLOCK].T  # (B, B)
+                ii, jj = np.nonzero(sims >= threshold)
+                parts.append((ii + a, jj + c, sims[ii, jj]))
+        return Pairs.concat(parts, "exact")
+    from usearch.index import Index
+
+    index: Any = None
+    offset = 0
+    t0 = time.perf_counter()
+    for c in chunks():
+        if index is None:
+            index = Index(ndim=c.shape[1], metric="cos", dtype="f16", expansion_search=SEARCH_EF)
+        index.add(
+            np.arange(offset, offset + len(c), dtype=np.uint64), np.asarray(c), threads=threads
+        )
+        offset += len(c)
+    t1 = time.perf_counter()
+    offset = 0
+    for c in chunks():
+        m = index.search(np.asarray(c), min(k + 1, n), threads=threads)
+        keys, cos = m.keys.astype(np.int64), 1.0 - m.distances
+        rows = np.nonzero((cos >= threshold) & (keys >= 0))
+        parts.append((rows[0] + offset, keys[rows], cos[rows]))
+        offset += len(c)
+    if stats is not None and index is not None:
+        stats.update(
+            index_bytes=index.memory_usage, add_s=t1 - t0, search_s=time.perf_counter() - t1
+        )
+    return Pairs.concat(parts, "usearch")
+
+
+def exact_pairs(digests: list[str | None]) -> Pairs:
+    """Star edges (first, other) inside each run of equal, non-null digests."""
+    idx = np.array([i for i, d in enumerate(digests) if d], dtype=np.int64)
+    if len(idx) < 2:
+        return Pairs.empty()
+    vals = np.array([digests[i] for i in idx])
+    order = np.argsort(vals, kind="stable")
+    v, members = vals[order], idx[order]
+    start = np.ones(len(v), dtype=bool)
+    start[1:] = v[1:] != v[:-1]
+    head = members[np.nonzero(start)[0]][np.cumsum(start) - 1]  # first member of each row's run
+    dup = ~start
+    return Pairs.concat([(head[dup], members[dup], np.ones(int(dup.sum()), np.float32))], "exact")
+
+
+# ---- groups ---------------------------------------------------------------------------------
+def group_duplicates(
+    n: int, pairs: dict[str, Pairs], aesthetic: np.ndarray, pixels: np.ndarray, keys: list[str]
+) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+    """Components of the pair graph → (keeper index per row, dup_kind per row, dup_score per row).
+
+    A row that is its group's keeper (or alone) has keeper == itself and dup_kind None.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ii = np.concatenate([p.i for p in pairs.values()] + [np.zeros(0, np.int64)])
+    jj = np.concatenate([p.j for p in pairs.values()] + [np.zeros(0, np.int64)])
+    graph = coo_matrix((np.ones(len(ii), dtype=np.int8), (ii, jj)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    # Keeper: highest aesthetic (null lowest), then most pixels, then smallest key.
+    aes = np.where(np.isnan(aesthetic), -np.inf, aesthetic)
+    key_rank = np.empty(n, dtype=np.int64)
+    key_rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(n)
+    order = np.lexsort((key_rank, -pixels, -aes, label))  # sorted by group, best first
+    first = np.ones(n, dtype=bool)
+    first[1:] = label[order][1:] != label[order][:-1]
+    keeper_of_label = np.empty(label.max() + 1 if n else 0, dtype=np.int64)
+    keeper_of_label[label[order][first]] = order[first]
+    keeper = keeper_of_label[label] if n else np.zeros(0, np.int64)
+    # Strongest link of each row: kind priority, then similarity.
+    best = np.full(n, -1.0)
+    for kind, p in pairs.items():
+        val = _PRIORITY[kind] * 10.0 + p.score.astype(np.float64)
+        np.maximum.at(best, p.i, val)
+        np.maximum.at(best, p.j, val)
+    kinds: list[str | None] = [None] * n
+    scores = np.full(n, np.nan, dtype=np.float32)
+    names = {v: k for k, v in _PRIORITY.items()}
+    for r in np.nonzero(keeper != np.arange(n))[0]:
+        kinds[r] = names[int(best[r] // 10)]
+        scores[r] = best[r] - 10.0 * (best[r] // 10)
+    return keeper, kinds, scores
+
+
+# ---- the store-level entry ------------------------------------------------------------------
+@dataclass
+class DedupSummary:
+    rows: int = 0
+    groups: int = 0
+    duplicates: Counter = field(default_factory=Counter)  # by kind
+    methods: dict[str, str] = field(default_factory=dict)  # kind -> exact | usearch
+    unchanged: bool = False
+    seconds: float = 0.0
+    tag: str = ""
+
+    def lines(self) -> list[str]:
+        if self.unchanged:
+            return [f"{STAGE}: inputs and settings unchanged since the last run; nothing to do"]
+        total = sum(self.duplicates.values())
+        out = [
+            f"{STAGE}: {self.rows} rows (embeddings/scores from '{self.tag}'), {self.groups} duplicate "
+            f"group(s), {total} duplicate(s) marked with dup_of in {self.seconds:.1f}s"
+        ]
+        for kind in KINDS:
+            if kind in self.methods:
+                out.append(
+                    f"  {kind:<8} {self.duplicates.get(kind, 0):>8}   search: {self.methods[kind]}"
+                )
+        return out
+
+
+def score_tags(store: Store) -> list[str]:
+    return sorted(
+        s.split("/", 1)[1] for s in store.stages() if s.startswith("scores/") and s != STAGE
+    )
+
+
+def choose_tag(store: Store, tag: str | None) -> str:
+    tags = score_tags(store)
+    if tag is not None:
+        if tag not in tags:
+            raise StoreError(
+                f"no scores/{tag} in {store.root} (score tags: {', '.join(tags) or 'none'})"
+            )
+        return tag
+    if not tags:
+        raise StoreError(
+            f"no scores in {store.root}; run 'alphaset score --store {store.root}' first"
+        )
+    if len(tags) > 1:
+        raise ValueError(
+            f"several score tags ({', '.join(tags)}); choose one with --embeddings TAG"
+        )
+    return tags[0]
+
+
+def _inputs_digest(store: Store, stages: list[str], shards: list[str]) -> str:
+    h = hashlib.sha256()
+    for stage in stages:
+        done = store.completed(stage)
+        missing = [s for s in shards if s not in done]
+        if missing:
+            raise StoreError(
+                f"{stage} lacks shard(s) {', '.join(missing[:5])}; run 'alphaset score --store "
+                f"{store.root}' until every shard is scored, then dedup"
+            )
+        for s in shards:
+            h.update(f"{stage} {s} {done[s].get('checksum')}\n".encode())
+    return h.hexdigest()
+
+
+def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
+    """Find duplicates across ``store`` and write ``scores/dedup`` (see the module docstring)."""
+    start = time.perf_counter()
+    store = Store(store) if isinstance(store, str) else store
+    store.require()
+    tag = choose_tag(store, cfg.embeddings)
+    shards = store.shards()
+    # 1. Skip when the inputs and settings are those of the last complete run.
+    inputs = ["ingest", f"scores/{tag}"] + ([f"embeddings/{tag}"] if cfg.semantic else [])
+    settings = {
+        "embeddings": tag,
+        "phash_threshold": cfg.phash_threshold,
+        "semantic_threshold": cfg.semantic_threshold if cfg.semantic else None,
+        "inputs": _inputs_digest(store, inputs, shards),
+    }
+    old = store.stage_config(STAGE)
+    if (
+        old is not None
+        and old.get("settings") == settings
+        and set(store.completed(STAGE)) >= set(shards)
+    ):
+        return DedupSummary(unchanged=True, tag=tag, seconds=time.perf_counter() - start)
+    # 2. Gather every row's facts, in shard order.
+    rows = _load_rows(store, tag, shards)
+    n = len(rows["key"])
+    summary = DedupSummary(rows=n, tag=tag)
+    pairs = _pairs(store, tag, shards, rows, cfg)
+    summary.methods = {kind: p.method for kind, p in pairs.items()}
+    # 3. Groups and keepers.
+    keeper, kinds, scores = group_duplicates(
+        n, pairs, rows["aesthetic"], rows["pixels"], rows["key"]
+    )
+    is_dup = keeper != np.arange(n)
+    summary.groups = len(set(keeper[is_dup].tolist()))
+    summary.duplicates.update(k for k in kinds if k is not None)
+    # 4. Write: the old config goes first, so a crash midway means 'changed' and a full rerun.
+    fs.remove(fs.join(store.status_dir(STAGE), "config.json"))
+    offset = 0
+    for shard in shards:
+        m = rows["per_shard"][shard]
+        sl = slice(offset, offset + m)
+        dup_of = [rows["key"][keeper[r]] if is_dup[r] else None for r in range(sl.start, sl.stop)]
+        table = pa.table(
+            {
+                "key": pa.array(rows["key"][sl], pa.string()),
+                "dup_of": pa.array(dup_of, pa.string()),
+                "dup_kind": pa.array(kinds[sl], pa.string()),
+                "dup_score": pa.array(scores[sl], pa.float32(), mask=np.isnan(scores[sl])),
+                "error": pa.array(rows["error"][sl], pa.string()),
+            }
+        )
+        checksum = fs.write_parquet(fs.join(store.stage_dir(STAGE), f"{shard}.parquet"), table)
+        n_err = sum(e is not None for e in rows["error"][sl])
+        store.write_status(
+            STAGE,
+            shard,
+            {
+                "rows": m,
+                "ok": m - n_err,
+                "errors": n_err,
+                "errors_by_reason": dict(Counter("not scored" for e in rows["error"][sl] if e)),
+                "duplicates": sum(d is not None for d in dup_of),
+                "checksum": checksum,
+                "output": f"{shard}.parquet",
+                "model": f"dedup over scores/{tag}",
+                "settings": settings,
+                "seconds": round(time.perf_counter() - start, 3),
+            },
+        )
+        offset += m
+    store.claim_stage(STAGE, settings)
+    store.refresh_manifest()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def find_pairs(store: Store | str, cfg: DedupConfig) -> tuple[list[str], dict[str, Pairs]]:
+    """The rows' keys and the linked pairs by kind, without grouping or writing (inspection)."""
+    store = Store(store) if isinstance(store, str) else store
+    tag, shards = choose_tag(store, cfg.embeddings), store.shards()
+    rows = _load_rows(store, tag, shards)
+    return rows["key"], _pairs(store, tag, shards, rows, cfg)
+
+
+def _pairs(
+    store: Store, tag: str, shards: list[str], rows: dict[str, Any], cfg: DedupConfig
+) -> dict[str, Pairs]:
+    pairs = {"exact": exact_pairs(rows["sha256"])}
+    pairs["exact"].method = "sha256"
+    has_hash = np.nonzero([h is not None for h in rows["phash"]])[0]
+    hashes = np.array([int(rows["phash"][i], 16) for i in has_hash], dtype=np.uint64)
+    p = hamming_pairs(hashes, cfg.phash_threshold, cfg.exact_limit, cfg.neighbours, cfg.threads)
+    pairs["phash"] = Pairs(has_hash[p.i], has_hash[p.j], p.score, p.method)
+    if cfg.semantic:
+        pairs["semantic"] = _semantic(store, tag, shards, rows, cfg)
+    return pairs
+
+
+def _load_rows(store: Store, tag: str, shards: list[str]) -> dict[str, Any]:
+    """Per row (ok meta rows, shard order): key, sha256, phash, aesthetic, pixels, error."""
+    out: dict[str, Any] = {"key": [], "sha256": [], "phash": [], "error": [], "per_shard": {}}
+    aes, pixels = [], []
+    for shard in shards:
+        meta = store.read_meta(shard, ["key", "status", "sha256", "width", "height"]).to_pydict()
+        ok = [i for i, s in enumerate(meta["status"]) if s == "ok"]
+        sc = fs.read_parquet(
+            fs.join(store.stage_dir(f"scores/{tag}"), f"{shard}.parquet"),
+            columns=["key", "error", "phash", "clip_aesthetic", "width", "height"],
+        ).to_pydict()
+        by_key = {k: i for i, k in enumerate(sc["key"])}
+        for i in ok:
+            key = meta["key"][i]
+            j = by_key.get(key)
+            out["key"].append(key)
+            out["sha256"].append(meta["sha256"][i])
+            err = "not scored" if j is None else sc["error"][j]
+            out["error"].append(f"not scored: {err}" if err else None)
+            out["phash"].append(sc["phash"][j] if j is not None and not err else None)
+            a = sc["clip_aesthetic"][j] if j is not None else None
+            aes.append(np.nan if a is None else a)
+            w = (sc["width"][j] if j is not None else None) or meta["width"][i] or 0
+            h = (sc["height"][j] if j is not None else None) or meta["height"][i] or 0
+            pixels.append(w * h)
+        out["per_shard"][shard] = len(ok)
+    out["aesthetic"] = np.array(aes, dtype=np.float64)
+    out["pixels"] = np.array(pixels, dtype=np.int64)
+    return out
+
+
+def _semantic(
+    store: Store, tag: str, shards: list[str], rows: dict[str, Any], cfg: DedupConfig
+) -> Pairs:
+    """Cosine pairs over the rows that have an embedding, read shard by shard."""
+    pos = {k: r for r, k in enumerate(rows["key"])}
+    index_of: list[np.ndarray] = []  # per shard: row indices of its embedded keys
+
+    def chunks() -> Iterable[np.ndarray]:
+        fill = not index_of
+        for shard in shards:
+            url = fs.join(store.stage_dir(f"embeddings/{tag}"), f"{shard}.parquet")
+            t = fs.read_parquet(url, ["key", "embedding"])
+            t = t.filter(t["embedding"].is_valid())
+            col = t["embedding"].combine_chunks()
+            vec = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            if fill:
+                try:
+                    index_of.append(
+                        np.array([pos[k] for k in t["key"].to_pylist()], dtype=np.int64)
+                    )
+                except KeyError as e:
+                    raise StoreError(
+                        f"{url} has key {e} that meta does not list as ok; re-run score"
+                    ) from None
+            if len(vec):
+                yield vec.astype(np.float32)
+
+    n = sum(store.completed(f"embeddings/{tag}")[s].get("ok", 0) for s in shards)
+    p = cosine_pairs(
+        chunks, n, cfg.semantic_threshold, cfg.exact_limit, cfg.neighbours, cfg.threads
+    )
+    rows_of = np.concatenate(index_of) if index_of else np.zeros(0, np.int64)
+    return Pairs(rows_of[p.i], rows_of[p.j], p.score, p.method)
