@@ -131,7 +131,7 @@ def run_demo(out: str, config: str | None = None) -> int:
     t = _step("11. LoRA: a few adapter steps on the aligned model, then sample with the adapter")
     from training.lora import train_lora
 
-    ckpt = train_lora(store.root, str(out_dir / "runs" / cfg.name / "align"), "tiny_tiny_256_alt", str(out_dir / "runs"), steps=4, rank=4)
+    ckpt = train_lora(store.root, str(out_dir / "runs" / cfg.name / "align"), "tiny_tiny_256_alt", str(out_dir / "runs"), steps=4, rank=4, resume=True)
     r = sample(export, ["a photo of a cat"], sampler="dpm", steps=4, lora=f"{ckpt}/lora.safetensors:0.8", out=str(out_dir / "samples" / "lora"), device="cpu")
     _done([f"adapter: {ckpt}/lora.safetensors", f"sample: {r.files[0]}"], t)
 

@@ -82,11 +82,32 @@ def load_transformer(checkpoint: str, weights: str = "ema") -> Any:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = resolve_checkpoint(checkpoint)
     state = read_state(ckpt)
+    if state.get("lora_base"):  # a LoRA stage: its base + the stage's adapters, merged
+        return merge_lora_checkpoint(ckpt, state["lora_base"], weights)
     model = PixArtTransformer2DModel(**pipeline_transformer_config(state["transformer_config"]))
     model.load_state_dict(
         load_file(os.path.join(ckpt, EMA_FILE if weights == "ema" else MODEL_FILE))
     )
     return model.eval()
+
+
+def merge_lora_checkpoint(ckpt: str, base: str, weights: str = "ema") -> Any:
+    """The base's transformer with a LoRA checkpoint's adapters merged into its weights (a plain
+    ``PixArtTransformer2DModel``: peft's ``merge`` per layer, then each layer replaced by its
+    merged base layer)."""
+    from peft.tuners.lora import LoraLayer
+
+    from training.lora import LORA_FILE, LORA_MODEL_FILE, load_lora
+
+    model = load_transformer(base, weights)
+    load_lora(model, os.path.join(ckpt, LORA_FILE if weights == "ema" else LORA_MODEL_FILE))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in layers:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    return model.requires_grad_(True).eval()
 
 
 def build_pipeline(

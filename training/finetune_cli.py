@@ -1,5 +1,6 @@
-"""`alphaset edges` (the HED edge-map stage) and `alphaset finetune controlnet`: the command-line
-side of training.hed and training.controlnet. (LoRA is a stage option of `alphaset train`.)"""
+"""`alphaset edges` (the HED edge-map stage), `alphaset finetune controlnet|dreambooth` and
+`alphaset distill lcm`: the command-line side of training.hed, training.controlnet,
+training.dreambooth and training.distill. (LoRA is a stage option of `alphaset train`.)"""
 
 from __future__ import annotations
 
@@ -46,6 +47,58 @@ def _controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+DREAMBOOTH_EPILOG = """\
+Reads:  --base: a training run / stage / step-N folder (its T5 and VAE: the ones its features were
+        made with); --instance-dir: a folder of images (jpg/png/webp/bmp) of the subject.
+Writes: OUT: a checkpoint folder (state.json + model.safetensors/ema.safetensors, or with --lora
+        only lora.safetensors adapters on the base) + metrics.jsonl.
+Example: alphaset finetune dreambooth --base runs/tiny --instance-dir dog/ \\
+           --instance-prompt "a photo of sks dog" --class-prompt "a photo of a dog" \\
+           --prior-images 100 --steps 400 --out runs/sks-dog
+Then:    alphaset sample --checkpoint runs/sks-dog --prompt "a photo of sks dog on the beach\""""
+
+LCM_EPILOG = """\
+Reads:  --teacher: a training run / stage / step-N folder (frozen); STORE/features/<tag> (latents +
+        T5, at the teacher's resolution), optionally only the samples of --view.
+Writes: OUT: a checkpoint folder (state.json + model.safetensors/ema.safetensors with the
+        --guidance embedding folded in, guidance_embedding.safetensors; with --lora only
+        lora.safetensors adapters on the teacher) + metrics.jsonl.
+Example: alphaset distill lcm --teacher runs/tiny --store demo-out/store --features tiny-256 \\
+           --steps 1000 --out runs/tiny-lcm
+Then:    alphaset sample --checkpoint runs/tiny-lcm --sampler lcm --steps 4 --prompt "a cat\""""
+
+
+def _dreambooth(args: argparse.Namespace) -> int:
+    from training.dreambooth import DreamBoothConfig, finetune_dreambooth
+
+    cfg = DreamBoothConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
+        class_prompt=args.class_prompt, prior_images=args.prior_images,
+        prior_weight=args.prior_weight, prior_steps=args.prior_steps, seed=args.seed,
+    )  # fmt: skip
+    path, losses = finetune_dreambooth(
+        args.base, args.instance_dir, args.instance_prompt, args.out, config=cfg,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(f"wrote {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+    return 0
+
+
+def _lcm(args: argparse.Namespace) -> int:
+    from training.distill import LcmConfig, distill_lcm
+
+    cfg = LcmConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
+        guidance=args.guidance, seed=args.seed,
+    )  # fmt: skip
+    path, losses = distill_lcm(
+        args.teacher, args.store, args.features, args.out, view=args.view, config=cfg,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(f"wrote {path} (loss {losses[0]:.5f} -> {losses[-1]:.5f})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     e = sub.add_parser(
@@ -62,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_edges)
 
-    ft = sub.add_parser("finetune", help="fine-tune a trained model (ControlNet)")
+    ft = sub.add_parser("finetune", help="fine-tune a trained model (ControlNet, DreamBooth)")
     fsub = ft.add_subparsers(dest="finetune_command", metavar="KIND", required=True)
     c = fsub.add_parser(
         "controlnet", help="train a PixArt-δ ControlNet on HED edges",
@@ -82,3 +135,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_controlnet)
+
+    d = fsub.add_parser(
+        "dreambooth", help="DreamBooth on a few images of a subject (full or LoRA)",
+        description="Fine-tune a checkpoint on instance images, with optional prior preservation.",
+        epilog=DREAMBOOTH_EPILOG, formatter_class=fmt,
+    )  # fmt: skip
+    d.add_argument("--base", required=True, help="run / stage / step-N folder")
+    d.add_argument("--instance-dir", required=True, help="folder of the subject's images")
+    d.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')
+    d.add_argument("--class-prompt", default=None, help='e.g. "a photo of a dog" (prior)')
+    d.add_argument("--prior-images", type=int, default=0, help="class images generated (prior)")
+    d.add_argument("--prior-weight", type=float, default=1.0)
+    d.add_argument("--prior-steps", type=int, default=20, help="sampler steps per class image")
+    d.add_argument("--lora", type=int, default=None, metavar="RANK", help="train LoRA adapters")
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--batch-size", type=int, default=2)
+    d.add_argument("--lr", type=float, default=5e-6)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_dreambooth)
+
+    ds = sub.add_parser("distill", help="distil a trained model (LCM)")
+    dsub = ds.add_subparsers(dest="distill_command", metavar="KIND", required=True)
+    lc = dsub.add_parser(
+        "lcm", help="latent consistency distillation (PixArt-δ LCM / LCM-LoRA)",
+        description="Distil a checkpoint into a few-step LCM student.", epilog=LCM_EPILOG,
+        formatter_class=fmt,
+    )  # fmt: skip
+    lc.add_argument("--teacher", required=True, help="run / stage / step-N folder")
+    lc.add_argument("--store", required=True)
+    lc.add_argument("--features", required=True, help="features/<tag>")
+    lc.add_argument("--view", default=None)
+    lc.add_argument("--lora", type=int, default=None, metavar="RANK", help="LCM-LoRA adapters")
+    lc.add_argument("--guidance", type=float, default=4.5, help="w folded into the saved model")
+    lc.add_argument("--steps", type=int, default=1000)
+    lc.add_argument("--batch-size", type=int, default=2)
+    lc.add_argument("--lr", type=float, default=2e-5)
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--out", required=True)
+    lc.add_argument("--quiet", action="store_true")
+    lc.set_defaults(func=_lcm)

@@ -241,6 +241,7 @@ def train_lora(
     rank: int = 4,
     view: str | None = None,
     progress: bool = False,
+    resume: bool = False,
     **kw: Any,
 ) -> str:
     """Train a few LoRA steps on ``base`` (a checkpoint) over ``features/<tag>``; return the
@@ -250,4 +251,4 @@ def train_lora(
     cfg = lora_stage_config(
         store, base, features, out_dir, steps=steps, rank=rank, view=view, **kw
     )
-    return train(cfg, progress=progress)[cfg.stages[0].name]
+    return train(cfg, resume=resume, progress=progress)[cfg.stages[0].name]
