@@ -38,7 +38,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from pipeline.ingest.folder import SourceError
     from pipeline.store import StoreError
 
-    types: list[type[BaseException]] = [UserError, StoreError, SourceError, FileNotFoundError, ValueError]
+    types: list[type[BaseException]] = [
+        UserError,
+        StoreError,
+        SourceError,
+        FileNotFoundError,
+        ValueError,
+    ]
     try:
         from pipeline.models import ModelNotFoundError
 
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alphaset {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; completed shards are kept, re-run the same command to resume", file=sys.stderr)
+        print(
+            "interrupted; completed shards are kept, re-run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -69,13 +69,22 @@ def run_demo(out: str, config: str | None = None) -> int:
     print(f"{write_demo_photos(photos)} files, one of them a truncated JPEG")
 
     t = _step("2. ingest folder (--label-from-dir, --max-side 512)")
-    s = ingest(store, folder_samples(str(photos), label_from_dir=True), "folder", IngestConfig(shard_size=4, max_side=512), progress=False)
+    s = ingest(
+        store,
+        folder_samples(str(photos), label_from_dir=True),
+        "folder",
+        IngestConfig(shard_size=4, max_side=512),
+        progress=False,
+    )
     _done(s.lines(), t)
 
     t = _step("3. caption with the tiny LLaVA (Ray actors)")
     from captioning.run import caption_store
 
-    _done(caption_store(store.root, "tiny", max_new_tokens=24, batch_size=4, progress=False).lines(), t)
+    _done(
+        caption_store(store.root, "tiny", max_new_tokens=24, batch_size=4, progress=False).lines(),
+        t,
+    )
 
     t = _step("4. score: tiny CLIP embeddings, aesthetic head, text-image and technical scores")
     from curation.score import ScoreConfig, score_store
@@ -93,12 +102,23 @@ def run_demo(out: str, config: str | None = None) -> int:
     from pipeline.views import create_view
 
     info = create_view(store, "best", DEMO_VIEW, replace=True)
-    _done([f"views/best.parquet: {info['selected']} of {info['candidates']} samples where {DEMO_VIEW}"], t)
+    _done(
+        [
+            f"views/best.parquet: {info['selected']} of {info['candidates']} samples where {DEMO_VIEW}"
+        ],
+        t,
+    )
 
-    t = _step("7. features: tiny T5 + tiny VAE, 256 px (labels, alt text, multi-scale for the view)")
+    t = _step(
+        "7. features: tiny T5 + tiny VAE, 256 px (labels, alt text, multi-scale for the view)"
+    )
     from training.features import extract_features
 
-    for kw in ({"captions": "label"}, {"captions": "alt"}, {"captions": "alt", "multi_scale": True, "view": "best"}):
+    for kw in (
+        {"captions": "label"},
+        {"captions": "alt"},
+        {"captions": "alt", "multi_scale": True, "view": "best"},
+    ):
         _done(extract_features(store, 256, t5="tiny", vae="tiny", progress=False, **kw).lines(), t)
 
     t = _step("8. train the tiny DiT: pixel → align → aesthetic stages (configs/tiny.toml)")
@@ -124,15 +144,38 @@ def run_demo(out: str, config: str | None = None) -> int:
     from training.sample import SAMPLERS, sample
 
     for name in SAMPLERS:
-        r = sample(export, ["a photo of a cat"], sampler=name, size="256x256", out=str(out_dir / "samples" / name), device="cpu")
+        r = sample(
+            export,
+            ["a photo of a cat"],
+            sampler=name,
+            size="256x256",
+            out=str(out_dir / "samples" / name),
+            device="cpu",
+        )
         print(f"{name:>6}: {r.files[0]}")
     _done([], t)
 
     t = _step("11. LoRA: a few adapter steps on the aligned model, then sample with the adapter")
     from training.lora import train_lora
 
-    ckpt = train_lora(store.root, str(out_dir / "runs" / cfg.name / "align"), "tiny_tiny_256_alt", str(out_dir / "runs"), steps=4, rank=4, resume=True)
-    r = sample(export, ["a photo of a cat"], sampler="dpm", steps=4, lora=f"{ckpt}/lora.safetensors:0.8", out=str(out_dir / "samples" / "lora"), device="cpu")
+    ckpt = train_lora(
+        store.root,
+        str(out_dir / "runs" / cfg.name / "align"),
+        "tiny_tiny_256_alt",
+        str(out_dir / "runs"),
+        steps=4,
+        rank=4,
+        resume=True,
+    )
+    r = sample(
+        export,
+        ["a photo of a cat"],
+        sampler="dpm",
+        steps=4,
+        lora=f"{ckpt}/lora.safetensors:0.8",
+        out=str(out_dir / "samples" / "lora"),
+        device="cpu",
+    )
     _done([f"adapter: {ckpt}/lora.safetensors", f"sample: {r.files[0]}"], t)
 
     _step("12. manifest stats and verify")
@@ -177,5 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--config", default=None, help="stages.toml to train (default configs/tiny.toml)")
+    p.add_argument(
+        "--config", default=None, help="stages.toml to train (default configs/tiny.toml)"
+    )
     p.set_defaults(func=_cmd)

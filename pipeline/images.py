@@ -137,7 +137,10 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
 
 
 def prepare(
-    data: bytes, max_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 95
+    data: bytes,
+    max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    quality: int = 95,
 ) -> tuple[bytes, str, dict]:
     """Turn source bytes into the bytes stored in the shard.
 

@@ -57,7 +57,9 @@ def tiny_model_dir(kind: str, preset: Preset) -> str:
     return str(final)
 
 
-def resolve(value: str, presets: dict[str, Preset], kind: str, flag: str = "--model") -> tuple[str, Preset | None]:
+def resolve(
+    value: str, presets: dict[str, Preset], kind: str, flag: str = "--model"
+) -> tuple[str, Preset | None]:
     """Map ``--model PRESET|DIR`` to something ``from_pretrained`` takes: a local folder or hub id.
 
     A local folder always wins. A preset with a tiny builder resolves to its cache folder; a real
@@ -73,10 +75,14 @@ def resolve(value: str, presets: dict[str, Preset], kind: str, flag: str = "--mo
     if os.path.sep in value or value.startswith("."):
         raise ModelNotFoundError(f"{flag} {value}: no such folder")
     names = ", ".join(sorted(presets))
-    raise ModelNotFoundError(f"{flag} {value}: unknown {kind} preset (presets: {names}; or pass a local folder)")
+    raise ModelNotFoundError(
+        f"{flag} {value}: unknown {kind} preset (presets: {names}; or pass a local folder)"
+    )
 
 
-def not_found(kind: str, value: str, hub_id: str | None, flag: str, cause: BaseException) -> ModelNotFoundError:
+def not_found(
+    kind: str, value: str, hub_id: str | None, flag: str, cause: BaseException
+) -> ModelNotFoundError:
     """The one-line error for a model that could not be loaded."""
     where = f"hub id {hub_id}" if hub_id else "a local folder"
     return ModelNotFoundError(

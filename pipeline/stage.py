@@ -98,7 +98,9 @@ def pending_shards(store: Store, spec: StageSpec) -> tuple[list[str], list[str]]
     return [s for s in wanted if s not in done], [s for s in wanted if s in done]
 
 
-def run_stage(store: Store, spec: StageSpec, progress: bool = True, use_ray: bool = True) -> StageSummary:
+def run_stage(
+    store: Store, spec: StageSpec, progress: bool = True, use_ray: bool = True
+) -> StageSummary:
     """Run ``spec`` over the store's shards; completed shards are skipped, so re-running resumes."""
     start = time.perf_counter()
     store.require()
@@ -143,13 +145,17 @@ def _run_local(spec: StageSpec, todo: list[str], summary: StageSummary, finished
                     summary.retries += 1
 
 
-def _run_ray(spec: StageSpec, todo: list[str], summary: StageSummary, finished, store: Store) -> None:
+def _run_ray(
+    spec: StageSpec, todo: list[str], summary: StageSummary, finished, store: Store
+) -> None:
     import ray
 
     from pipeline.cluster import init_ray
 
     init_ray()
-    Actor = ray.remote(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0)(_Host)
+    Actor = ray.remote(
+        num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0
+    )(_Host)
 
     def spawn():
         return Actor.remote(spec.worker_cls, spec.worker_kwargs)

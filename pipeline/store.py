@@ -147,7 +147,13 @@ class Store:
     # ---- status records ----------------------------------------------------------------------
     def write_status(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, Any]:
         """Write the status record that marks ``shard`` of ``stage`` complete. Call it last."""
-        rec = {"stage": stage, "shard": shard, "tool_version": __version__, "time": now_iso(), **record}
+        rec = {
+            "stage": stage,
+            "shard": shard,
+            "tool_version": __version__,
+            "time": now_iso(),
+            **record,
+        }
         fs.atomic_write(self.status_url(stage, shard), json.dumps(rec, indent=1, sort_keys=True))
         return rec
 
@@ -190,14 +196,25 @@ class Store:
         old = self.stage_config(stage)
         if old is not None:
             if old.get("settings") != settings:
-                diff = sorted(k for k in set(old["settings"]) | set(settings) if old["settings"].get(k) != settings.get(k))
+                diff = sorted(
+                    k
+                    for k in set(old["settings"]) | set(settings)
+                    if old["settings"].get(k) != settings.get(k)
+                )
                 raise StoreError(
                     f"{stage} was started with other settings ({', '.join(diff)} differ); "
                     "resume with the same settings or choose another --tag"
                 )
             return
-        rec = {"stage": stage, "settings": settings, "tool_version": __version__, "created": now_iso()}
-        fs.atomic_write(fs.join(self.status_dir(stage), CONFIG_NAME), json.dumps(rec, indent=1, sort_keys=True))
+        rec = {
+            "stage": stage,
+            "settings": settings,
+            "tool_version": __version__,
+            "created": now_iso(),
+        }
+        fs.atomic_write(
+            fs.join(self.status_dir(stage), CONFIG_NAME), json.dumps(rec, indent=1, sort_keys=True)
+        )
 
     # ---- reading shards ----------------------------------------------------------------------
     def read_meta(self, shard: str, columns: list[str] | None = None) -> pa.Table:
@@ -205,7 +222,11 @@ class Store:
 
     def ok_keys(self, shard: str) -> list[str]:
         t = self.read_meta(shard, ["key", "status"])
-        return [k for k, s in zip(t["key"].to_pylist(), t["status"].to_pylist()) if s == "ok"]
+        return [
+            k
+            for k, s in zip(t["key"].to_pylist(), t["status"].to_pylist(), strict=True)
+            if s == "ok"
+        ]
 
     def iter_images(self, shard: str) -> Iterator[tuple[str, str, bytes]]:
         """Yield ``(key, ext, image_bytes)`` for every image in the shard's tar, in tar order."""
@@ -243,7 +264,9 @@ class Store:
         m = self.read_manifest() if self.exists() else self._empty_manifest()
         shards = {}
         for shard, rec in self.completed("ingest").items():
-            shards[shard] = {k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")}
+            shards[shard] = {
+                k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")
+            }
         m["shards"] = shards
         stages = {}
         for stage in self.stages():
@@ -253,7 +276,10 @@ class Store:
                 "settings": cfg.get("settings"),
                 "tool_version": cfg.get("tool_version"),
                 "created": cfg.get("created"),
-                "shards": {s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")} for s, r in done.items()},
+                "shards": {
+                    s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")}
+                    for s, r in done.items()
+                },
             }
         m["stages"] = stages
         self.write_manifest(m)

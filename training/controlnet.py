@@ -38,7 +38,9 @@ class ControlNetTransformer(nn.Module):
         self.base = base.requires_grad_(False)
         self.blocks = blocks
         inner = base.config.num_attention_heads * base.config.attention_head_dim
-        self.copies = nn.ModuleList(copy.deepcopy(base.transformer_blocks[i]) for i in range(blocks))
+        self.copies = nn.ModuleList(
+            copy.deepcopy(base.transformer_blocks[i]) for i in range(blocks)
+        )
         self.copies.requires_grad_(True)
         self.before_proj = nn.Linear(inner, inner)
         self.after_proj = nn.ModuleList(nn.Linear(inner, inner) for _ in range(blocks))
@@ -244,7 +246,9 @@ def train_controlnet(
     for step in range(steps):
         batch = next(batches)
         x0 = batch["latents"].float()
-        ctrl = torch.cat([_control_latent(k, edge_png, cache, vae, fset, edges) for k in batch["keys"]])
+        ctrl = torch.cat(
+            [_control_latent(k, edge_png, cache, vae, fset, edges) for k in batch["keys"]]
+        )
         gen = step_generator(seed, 0, step, torch.device("cpu"))
         t = diffusion.sample_timesteps(x0.shape[0], gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen)

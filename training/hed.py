@@ -121,7 +121,10 @@ def load_hed(value: str, device: str = "cpu") -> HED:
 def edge_map(model: HED, rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 → (H, W) uint8 edge strength."""
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(rgb).copy()).to(device).permute(2, 0, 1)[None].float() / 255.0
+    x = (
+        torch.from_numpy(np.ascontiguousarray(rgb).copy()).to(device).permute(2, 0, 1)[None].float()
+        / 255.0
+    )
     return (model(x)[0, 0] * 255.0).round().clamp(0, 255).byte().cpu().numpy()
 
 

@@ -67,7 +67,9 @@ class LoraOptions:
             raise ValueError(f"{where} must be a table {{ rank, alpha, targets }}, got {d!r}")
         unknown = sorted(set(d) - {"rank", "alpha", "targets"})
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: rank, alpha, targets)")
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(unknown)} (allowed: rank, alpha, targets)"
+            )
         return cls(**d).validate(where)
 
     def peft_config(self) -> Any:
@@ -248,7 +250,5 @@ def train_lora(
     final checkpoint folder (its ``lora.safetensors`` is the adapter for ``sample --lora``)."""
     from training.train import train
 
-    cfg = lora_stage_config(
-        store, base, features, out_dir, steps=steps, rank=rank, view=view, **kw
-    )
+    cfg = lora_stage_config(store, base, features, out_dir, steps=steps, rank=rank, view=view, **kw)
     return train(cfg, resume=resume, progress=progress)[cfg.stages[0].name]

@@ -113,7 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PATH[:SCALE]",
         help="LoRA adapter file (lora.safetensors) or LoRA checkpoint folder; SCALE default 1",
     )
-    p.add_argument("--controlnet", default=None, help="ControlNet file/folder (finetune controlnet)")
+    p.add_argument(
+        "--controlnet", default=None, help="ControlNet file/folder (finetune controlnet)"
+    )
     p.add_argument("--control-image", default=None, help="edge map image for --controlnet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

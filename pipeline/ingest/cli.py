@@ -15,12 +15,28 @@ Example: alphaset ingest folder ./photos --store ./store --max-side 1024 --worke
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, help="store directory or fsspec URL (created if missing)")
+    p.add_argument(
+        "--store", required=True, help="store directory or fsspec URL (created if missing)"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--max-side", type=int, default=None, help="downsize so the long side is at most PX (never upsizes)")
-    p.add_argument("--workers", type=int, default=1, help="parallel decode/encode processes (default 1)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
-    p.add_argument("--max-pixels", type=int, default=None, help="reject images above this many pixels (decompression bombs)")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="downsize so the long side is at most PX (never upsizes)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="parallel decode/encode processes (default 1)"
+    )
+    p.add_argument(
+        "--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="reject images above this many pixels (decompression bombs)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -29,14 +45,20 @@ def config_from(args: argparse.Namespace) -> IngestConfig:
     if args.max_pixels:
         kw["max_pixels"] = args.max_pixels
     return IngestConfig(
-        shard_size=args.shard_size, max_side=args.max_side, workers=args.workers, quality=args.quality, **kw
+        shard_size=args.shard_size,
+        max_side=args.max_side,
+        workers=args.workers,
+        quality=args.quality,
+        **kw,
     )
 
 
 def run_ingest(args: argparse.Namespace, source: str, samples, settings: dict | None = None) -> int:
     """Shared tail of every `ingest` subcommand: write shards, print the summary."""
     cfg = config_from(args)
-    summary = ingest(Store(args.store), samples, source, cfg, settings=settings, progress=not args.no_progress)
+    summary = ingest(
+        Store(args.store), samples, source, cfg, settings=settings, progress=not args.no_progress
+    )
     print("\n".join(summary.lines()))
     return 0
 
@@ -45,7 +67,9 @@ def _folder(args: argparse.Namespace) -> int:
     from pipeline.ingest.folder import folder_samples
 
     samples = folder_samples(args.src, label_from_dir=args.label_from_dir)
-    return run_ingest(args, "folder", samples, {"src": args.src, "label_from_dir": args.label_from_dir})
+    return run_ingest(
+        args, "folder", samples, {"src": args.src, "label_from_dir": args.label_from_dir}
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("src", help="folder to scan recursively (jpg, jpeg, png, webp, bmp, tiff)")
-    f.add_argument("--label-from-dir", action="store_true", help="record the parent folder name as the class label")
+    f.add_argument(
+        "--label-from-dir",
+        action="store_true",
+        help="record the parent folder name as the class label",
+    )
     add_common(f)
     f.set_defaults(func=_folder)
     # Other sources register their own subparser: module.register_source(src, add_common, run_ingest)

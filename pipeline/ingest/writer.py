@@ -208,7 +208,9 @@ def ingest(
     pool = None
     try:
         if cfg.workers > 1:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            ctx = (
+                mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            )
             pool = ctx.Pool(cfg.workers)
             results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
         else:

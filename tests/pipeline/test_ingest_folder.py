@@ -14,7 +14,13 @@ from pipeline.store import Store
 
 def test_folder_ingest_writes_aligned_shards(photos_dir, tmp_path):
     store = Store(str(tmp_path / "store"))
-    s = ingest(store, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=4, max_side=256), progress=False)
+    s = ingest(
+        store,
+        folder_samples(str(photos_dir)),
+        "folder",
+        IngestConfig(shard_size=4, max_side=256),
+        progress=False,
+    )
     assert s.added == 6 and s.ok == 6 and not s.errors
     assert store.shards() == ["000000", "000001"]
     meta = pq.read_table(str(tmp_path / "store" / "meta")).to_pylist()
@@ -45,7 +51,20 @@ def test_wrong_path_is_one_line(tmp_path, capsys):
 
 
 def test_bad_flag_value_is_one_line(photos_dir, tmp_path, capsys):
-    assert main(["ingest", "folder", str(photos_dir), "--store", str(tmp_path / "s"), "--shard-size", "0"]) == 2
+    assert (
+        main(
+            [
+                "ingest",
+                "folder",
+                str(photos_dir),
+                "--store",
+                str(tmp_path / "s"),
+                "--shard-size",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--shard-size must be >= 1" in capsys.readouterr().err
 
 
@@ -53,5 +72,13 @@ def test_bad_flag_value_is_one_line(photos_dir, tmp_path, capsys):
 def test_keys_and_shards_are_deterministic(photos_dir, tmp_path, workers):
     a, b = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
     for st in (a, b):
-        ingest(st, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=3, workers=workers), progress=False)
-    assert [a.read_meta(s)["key"].to_pylist() for s in a.shards()] == [b.read_meta(s)["key"].to_pylist() for s in b.shards()]
+        ingest(
+            st,
+            folder_samples(str(photos_dir)),
+            "folder",
+            IngestConfig(shard_size=3, workers=workers),
+            progress=False,
+        )
+    assert [a.read_meta(s)["key"].to_pylist() for s in a.shards()] == [
+        b.read_meta(s)["key"].to_pylist() for s in b.shards()
+    ]

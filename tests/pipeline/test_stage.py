@@ -18,7 +18,9 @@ class KeyLengthWorker:
     """Writes len(key) per ok key. ``die_once`` makes the process exit on its first try of a shard
     (a real actor death); ``fail`` raises on a shard every time."""
 
-    def __init__(self, store: str, die_once: str | None = None, fail: str | None = None, marker: str = ""):
+    def __init__(
+        self, store: str, die_once: str | None = None, fail: str | None = None, marker: str = ""
+    ):
         self.store = Store(store)
         self.die_once, self.fail, self.marker = die_once, fail, marker
 
@@ -40,12 +42,20 @@ class KeyLengthWorker:
 @pytest.fixture()
 def store(photos_dir, tmp_path):
     st = Store(str(tmp_path / "store"))
-    ingest(st, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=2), progress=False)
+    ingest(
+        st, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=2), progress=False
+    )
     return st
 
 
 def spec(store, **kw):
-    return StageSpec(stage="scores/keylen", worker_cls=KeyLengthWorker, worker_kwargs={"store": store.root, **kw}, settings={"v": 1}, workers=2)
+    return StageSpec(
+        stage="scores/keylen",
+        worker_cls=KeyLengthWorker,
+        worker_kwargs={"store": store.root, **kw},
+        settings={"v": 1},
+        workers=2,
+    )
 
 
 def test_local_run_then_skip(store):
@@ -53,7 +63,11 @@ def test_local_run_then_skip(store):
     assert s.done == ["000000", "000001", "000002"] and s.rows == 6 and s.ok
     again = run_stage(store, spec(store), progress=False, use_ray=False)
     assert again.done == [] and again.skipped == ["000000", "000001", "000002"]
-    assert store.refresh_manifest()["stages"]["scores/keylen"]["shards"].keys() == {"000000", "000001", "000002"}
+    assert store.refresh_manifest()["stages"]["scores/keylen"]["shards"].keys() == {
+        "000000",
+        "000001",
+        "000002",
+    }
 
 
 def test_ray_retries_a_dead_actor_and_reports_a_failing_shard(store, ray_local, tmp_path):

@@ -80,7 +80,20 @@ def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run,
     args = ["sample", "--checkpoint", str(trained_run / "align"), "--prompt", "a cat",
             "--steps", "2", "--device", "cpu", "--quiet"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    assert main([*args, "--controlnet", path, "--control-image", str(edge), "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--controlnet",
+                path,
+                "--control-image",
+                str(edge),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     a = np.asarray(Image.open(tmp_path / "plain" / "000_seed0.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "c" / "000_seed0.png"), dtype=np.int16)
     assert a.shape == b.shape and np.abs(a - b).max() > 0

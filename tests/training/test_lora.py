@@ -36,7 +36,13 @@ def test_lora_stage_saves_only_adapters_in_diffusers_format(lora_ckpt: Path, tra
         keys = list(f.keys())
         meta = json.loads(f.metadata()[METADATA_KEY])
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
-    for target in ("attn1.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "adaln_single.linear"):
+    for target in (
+        "attn1.to_q",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "adaln_single.linear",
+    ):
         assert any(f".{target}.lora_A.weight" in k for k in keys), target
     assert meta == {"r": 4, "lora_alpha": 4.0, "target_modules": list(LoraOptions().targets)}
 
