@@ -5,16 +5,16 @@ Target: stage >= 0.8x bare (the bare model ran 2,418 img/s on an H200).
 Measured, in order, on one store of --n real-photo JPEGs (long side 512–1024 px, like a store
 ingested with --max-side 1024):
 
-1. bare   — `encode_image` on a random fp16 batch already on the GPU (the model alone);
-2. decode — `curation.decode.DecodePool` alone over the same shards (what decode can feed);
-3. stage  — `ScoreWorker(shard)` for every shard after a warm-up shard: tar read, decode, crop,
-   technical scores, phash, forward, aesthetic head, Parquet + status writes.
+1. bare   — `encode_image` on a random fp16 batch already on the GPU (the worker's own model);
+2. stage  — `ScoreWorker(shard)` for every shard after a warm-up shard: tar read, decode, crop,
+   technical scores, phash, forward, aesthetic head, Parquet + status writes;
+3. decode — `curation.decode.DecodePool` alone over the same images (what decode can feed).
 
 Shards hold --shard-size images (default 4096): the GPU idles while a shard's first batch
 decodes, a cost of about one batch per shard, so GPU stores should use large shards
 (``alphaset ingest --shard-size 5000`` or more); the run prints that per-shard cost.
 
-    python bench/gpu_score.py                  # GPU: ViT-L-14, 8192 images, batch 256
+    python bench/gpu_score.py                  # GPU: ViT-L-14, 4096 images, batch 256
     python bench/gpu_score.py --tiny           # CPU smoke run: tiny CLIP, 64 images
     python bench/gpu_score.py --json $OUT/gpu_score.json
 
@@ -108,11 +108,14 @@ def save_open_clip_folder(model_name: str, folder: Path) -> int:
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": cfg, "preprocess_cfg": {}})
     )
-    with torch.random.fork_rng():
+    dev = (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )  # random init of 428M params: fast on a GPU
+    with torch.random.fork_rng(), torch.device(dev):
         torch.manual_seed(0)
         model = open_clip.CLIP(**cfg)
     save_file(
-        {k: v.half().contiguous() for k, v in model.state_dict().items()},
+        {k: v.half().cpu().contiguous() for k, v in model.state_dict().items()},
         str(folder / "open_clip_model.safetensors"),
     )
     return int(cfg["embed_dim"])
@@ -125,7 +128,7 @@ def main() -> int:
     ap.add_argument(
         "--tiny", action="store_true", help="CPU smoke run with the tiny CLIP (64 images)"
     )
-    ap.add_argument("--n", type=int, default=None, help="images (default 8192; 64 with --tiny)")
+    ap.add_argument("--n", type=int, default=None, help="images (default 4096; 64 with --tiny)")
     ap.add_argument(
         "--shard-size",
         type=int,
@@ -141,22 +144,23 @@ def main() -> int:
         help="decode processes (0: CPU cores - 1, at most 16)",
     )
     ap.add_argument("--bare-iters", type=int, default=20)
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--json", default=None, help="also write the results here (updated after each step)"
+    )
     args = ap.parse_args()
     check_imports()
-    import numpy as np
     import open_clip
     import torch
 
     from curation.aesthetic import save_random_head
     from curation.decode import DecodePool
-    from curation.models import load_clip
+    from curation.models import resolve_clip
     from curation.score import ScoreWorker
     from pipeline.ingest.folder import folder_samples
     from pipeline.ingest.writer import IngestConfig, ingest
     from pipeline.store import Store
 
-    n = args.n or (64 if args.tiny else 8192)
+    n = args.n or (64 if args.tiny else 4096)
     shard_size = args.shard_size or (32 if args.tiny else 4096)
     batch = args.batch_size or (16 if args.tiny else 256)
     device = "cpu" if args.tiny else "cuda"
@@ -164,7 +168,6 @@ def main() -> int:
         sys.exit("no CUDA device; use --tiny for the CPU smoke run")
     cores = os.cpu_count() or 1
     workers = args.decode_workers or max(1, min(16, cores - 1))
-    tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-score-"))
     res: dict = {
         "n": n,
         "batch": batch,
@@ -172,6 +175,18 @@ def main() -> int:
         "cores": cores,
         "decode_workers": workers,
     }
+    res.update(torch=torch.__version__, open_clip=open_clip.__version__)
+    res["device"] = (
+        torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    )
+
+    def record(**kw) -> None:  # written after every step, so a time cap still leaves figures
+        res.update(kw)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-score-"))
     try:
         # 0. Inputs: a store of real-photo JPEGs; the model as an open_clip folder + a random head.
         t = time.perf_counter()
@@ -183,21 +198,31 @@ def main() -> int:
         shards = store.shards()
         if args.tiny:
             clip_value = "tiny"
-            head = os.path.join(load_clip("tiny", "cpu").source.folder, "aesthetic.pth")
-            res["model"] = "tiny (random)"
+            head = os.path.join(resolve_clip("tiny").folder, "aesthetic.pth")
+            model_name = "tiny (random)"
         else:
             folder = tmp / "clip"
             dim = save_open_clip_folder(args.model, folder)
             head = str(folder / "aesthetic.pth")
             save_random_head(head, dim)
             clip_value = str(folder)
-            res["model"] = f"{args.model} (random weights, fp16)"
+            model_name = f"{args.model} (random weights, fp16)"
+        record(model=model_name, setup_s=time.perf_counter() - t)
         print(
-            f"setup: {n} images in {len(shards)} shards, model saved, {time.perf_counter() - t:.0f} s"
+            f"setup: {n} images in {len(shards)} shards, model saved, {res['setup_s']:.0f} s",
+            flush=True,
         )
 
-        # 1. Bare: the model alone on a ready fp16 batch on the device.
-        clip = load_clip(clip_value, device)
+        # 1. The stage worker (it loads the model once; the bare run below uses that same model).
+        t = time.perf_counter()
+        worker = ScoreWorker(
+            store.root, clip=clip_value, tag="bench", aesthetic=head,
+            batch_size=batch, device=device, decode_workers=workers,
+        )  # fmt: skip
+        record(load_s=time.perf_counter() - t)
+
+        # 2. Bare: the model alone on a ready batch on the device.
+        clip = worker.clip
         s = clip.input.size
         x = torch.randn(batch, 3, s, s, device=device, dtype=clip.dtype)
         with torch.inference_mode():
@@ -210,70 +235,52 @@ def main() -> int:
                 clip.model.encode_image(x, normalize=True)
             if device == "cuda":
                 torch.cuda.synchronize()
-        res["bare_img_s"] = batch * args.bare_iters / (time.perf_counter() - t)
-        clip_input = clip.input
-        del clip, x
+        record(bare_img_s=batch * args.bare_iters / (time.perf_counter() - t))
+        print(f"bare forward       : {res['bare_img_s']:9.1f} img/s", flush=True)
+        del x
 
-        # 2. Decode alone: what the CPU side can feed.
-        pool = DecodePool(clip_input, workers)
-        list(
-            pool.imap(((k, d) for k, _e, d in store.iter_images(shards[0])), depth=2 * batch)
-        )  # warm-up
-        t = time.perf_counter()
-        count = 0
-        for shard in shards:
-            for _ in pool.imap(((k, d) for k, _e, d in store.iter_images(shard)), depth=2 * batch):
-                count += 1
-        res["decode_img_s"] = count / (time.perf_counter() - t)
-        pool.close()
-
-        # 3. The stage worker, decode included, after one warm-up shard.
-        worker = ScoreWorker(
-            store.root, clip=clip_value, tag="bench", aesthetic=head,
-            batch_size=batch, device=device, decode_workers=workers,
-        )  # fmt: skip
+        # 3. The stage, decode included: a warm-up shard, then every shard timed.
         worker(shards[0])
-        if device == "cuda":
-            torch.cuda.synchronize()
         t = time.perf_counter()
         per_shard = []
         for shard in shards:
             t0 = time.perf_counter()
             worker(shard)
-            per_shard.append(time.perf_counter() - t0)
-        res["stage_img_s"] = n / (time.perf_counter() - t)
+            per_shard.append(round(time.perf_counter() - t0, 3))
+        stage = n / (time.perf_counter() - t)
         worker.close()
-        res["ratio"] = res["stage_img_s"] / res["bare_img_s"]
-        # GPU idle at a shard's start ≈ decoding the first batch with every decode process.
-        res["shard_start_s"] = batch / res["decode_img_s"]
-        res["torch"] = torch.__version__
-        res["open_clip"] = open_clip.__version__
-        res["device"] = (
-            torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-        )
+        record(stage_img_s=stage, ratio=stage / res["bare_img_s"], stage_shard_s=per_shard)
+        print(f"stage (score)      : {stage:9.1f} img/s  (per shard: {per_shard} s)", flush=True)
+        print(f"ratio stage/bare   : {res['ratio']:.3f}  (target >= 0.8)", flush=True)
 
+        # 4. Decode alone: what the CPU side can feed (over at most 2048 images).
+        pool = DecodePool(clip.input, workers)
+        items = [(k, d) for shard in shards for k, _e, d in store.iter_images(shard)][:2048]
+        list(pool.imap(iter(items[: 2 * batch]), depth=2 * batch))  # start the processes
+        t = time.perf_counter()
+        count = sum(1 for _ in pool.imap(iter(items), depth=2 * batch))
+        pool.close()
+        decode = count / (time.perf_counter() - t)
+        # The GPU idles at a shard's start while the first batch decodes.
+        record(
+            decode_img_s=decode,
+            decode_img_s_per_process=decode / workers,
+            shard_start_s=batch / decode,
+        )
+        print(
+            f"decode only        : {decode:9.1f} img/s  ({workers} processes, {decode / workers:.0f} img/s each)"
+        )
         print(
             f"device: {res['device']}, {cores} CPU cores, torch {res['torch']}, open_clip {res['open_clip']}"
         )
         print(
-            f"model: {res['model']}, batch {batch}, {n} images, {len(shards)} shards of {shard_size}"
+            f"model: {model_name}, batch {batch}, {n} images, {len(shards)} shards of {shard_size}"
         )
-        print(f"bare forward       : {res['bare_img_s']:9.1f} img/s")
-        print(f"decode only        : {res['decode_img_s']:9.1f} img/s  ({workers} processes, "
-              f"{res['decode_img_s'] / workers:.0f} img/s each)")  # fmt: skip
-        print(
-            f"stage (score)      : {res['stage_img_s']:9.1f} img/s  (per shard: {np.round(per_shard, 2).tolist()} s)"
-        )
-        print(f"ratio stage/bare   : {res['ratio']:.3f}  (target >= 0.8)")
         print(f"est. GPU idle at each shard start: {res['shard_start_s']:.2f} s")
-        if res["decode_img_s"] < res["bare_img_s"]:
-            need = res["bare_img_s"] / (res["decode_img_s"] / workers)
+        if decode < res["bare_img_s"]:
             print(
-                f"decode is the bottleneck: ~{need:.0f} decode processes would match the bare model"
+                f"decode is the bottleneck: ~{res['bare_img_s'] / (decode / workers):.0f} decode processes would match the bare model"
             )
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(res, indent=1))
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

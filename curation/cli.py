@@ -30,7 +30,7 @@ Writes: STORE/scores/dedup/NNNNNN.parquet  key, dup_of, dup_kind (exact|phash|se
         an input shard or a setting changed, does nothing otherwise. Filter with 'dup_of is null'.
 Thresholds: phash distance 8 of 64 bits (resized/re-compressed copies measure 0, crops of 2-3 %
         per side 4-8, distinct photos >= 24); cosine 0.95 for ViT-L/14-class embeddings. Search is
-        exact below 100k rows, a usearch HNSW index above.
+        exact below 200k rows, a usearch HNSW index above.
 Example: alphaset dedup --store ./store --phash-threshold 8 --semantic-threshold 0.95"""
 
 

@@ -9,7 +9,7 @@ computed with scipy's sparse ``connected_components``). Each group keeps one ima
 the kept key, ``dup_kind`` = its strongest link (exact > phash > semantic) and ``dup_score`` = that
 link's similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic).
 
-Neighbour search is exact and blockwise in numpy up to ``EXACT_LIMIT`` vectors (measured by
+Neighbour search is exact and blockwise in numpy up to ``EXACT_LIMIT`` rows (measured by
 bench/dedup.py) and uses a usearch HNSW index above, fed shard by shard so memory is the index,
 not a copy of every embedding. Dedup is global: when any input changed (checksums of the ingest,
 score and embedding shards, recorded in the stage settings) it reruns completely; when nothing
@@ -38,9 +38,10 @@ STAGE = "scores/dedup"
 KINDS = ("exact", "phash", "semantic")  # strongest first
 _PRIORITY = {"exact": 3, "phash": 2, "semantic": 1}
 # Below these sizes an exact blockwise search is faster than building an HNSW index (bench/dedup.py).
-# Measured on random data with bench/dedup.py (2 shared cores): exact wins up to ~50k-200k vectors
-# for 768-d cosine and ~100k 64-bit hashes; HNSW is the only way beyond (exact is quadratic).
-EXACT_LIMIT = {"phash": 100_000, "semantic": 100_000}
+# Exact blockwise search up to this many rows: bench/dedup.py measured the exact/HNSW crossover
+# (CPU time, random data) at ~130k-230k 768-d vectors and ~270k 64-bit hashes; beyond, exact is
+# quadratic and only the index scales.
+EXACT_LIMIT = {"phash": 200_000, "semantic": 200_000}
 BLOCK = 2048  # rows per tile of the exact search
 # HNSW search depth: on 100k random 768-d vectors (HNSW's worst case) the recall of planted
 # cosine-0.97 pairs is 0.967 at usearch's default 64, 0.979 at 128 and 0.999 at 256.

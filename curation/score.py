@@ -6,7 +6,8 @@ One worker call turns image shard N into
 - ``scores/<tag>/N.parquet``: key, error, clip_aesthetic (LAION 1–10 scale, null without a head),
   clip_text_sim (cosine with the meta alt_text), clip_text_sim_<caption tag> (one per caption tag,
   '-' and '.' become '_'), width, height, aspect, megapixels, sharpness (variance of the Laplacian
-  on a greyscale copy whose shorter side is 224 px), phash (imagehash.phash, 16 hex digits),
+  on a greyscale copy whose shorter side is 224 px), phash (imagehash.phash of that copy
+  box-reduced 4x; 16 hex digits),
 
 written in that order, each followed by its status record, the scores record last (it marks the
 shard done for `run_stage`). Decoding runs ahead of the model in a process pool

@@ -263,20 +263,21 @@ def test_cli_errors_are_one_line(scored_store, capsys):
     )
 
 
-def test_a_dead_decode_process_fails_the_shard_and_the_retry_recovers(scored_store, tmp_path):
+def test_a_dead_decode_process_fails_the_shard_and_the_retry_recovers(
+    photos_dir, tmp_path, make_store
+):
     import os
     import signal
 
-    worker = ScoreWorker(
-        scored_store.root, clip="tiny", tag="retry", batch_size=4, decode_workers=1
-    )
+    store = make_store(tmp_path / "store", photos_dir, shard_size=10)
+    worker = ScoreWorker(store.root, clip="tiny", tag="retry", batch_size=4, decode_workers=1)
     try:
-        assert worker("000000")["ok"] == 4
+        assert worker("000000")["ok"] == 6
         for pid in list(worker._pool._pool._processes):  # the real child processes
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)
         with pytest.raises(RuntimeError, match="a decode process died while decoding shard 000000"):
             worker("000000")
-        assert worker("000000")["ok"] == 4  # a fresh pool
+        assert worker("000000")["ok"] == 6  # a fresh pool
     finally:
         worker.close()
