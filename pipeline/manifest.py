@@ -19,7 +19,6 @@ import io
 import json
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -28,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline import fs, images
 from pipeline.ingest.writer import error_category
-from pipeline.store import STATUS_DIR, Store, StoreError, check_member_name
+from pipeline.store import STATUS_DIR, Store, StoreError, iter_tar_stream
 
 PERCENTILES = {
     "min": 0.0,
@@ -300,39 +299,6 @@ class _HashingReader(io.RawIOBase):
         return self.sha.hexdigest()
 
 
-def _tar_samples(
-    stream: IO[bytes], rel: str, report: VerifyReport
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a tar's members into ``(key, {ext: bytes})`` as `pipeline.store.iter_tar_samples`
-    does, but report every unsafe or non-file member instead of stopping at the first."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        current: str | None = None
-        files: dict[str, bytes] = {}
-        for member in tar:
-            try:
-                check_member_name(member.name)
-            except ValueError as e:
-                report.problem(rel, str(e))
-                continue
-            if not member.isfile():
-                if not member.isdir():
-                    report.problem(rel, f"tar member {member.name!r} is not a regular file")
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = member.name[: len(member.name) - len(base)] + stem
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if key != current:
-                if current is not None:
-                    yield current, files
-                current, files = key, {}
-            files[ext.lower()] = data
-        if current is not None:
-            yield current, files
-
-
 def _read_tar(
     store: Store, rel: str, report: VerifyReport, decode: bool, images_expected: bool
 ) -> tuple[list[str], str] | None:
@@ -342,7 +308,7 @@ def _read_tar(
         with fs.open_read(store.url(rel)) as raw:
             stream = _HashingReader(raw)
             buffered = io.BufferedReader(stream, 1 << 20)
-            for key, files in _tar_samples(buffered, rel, report):
+            for key, files in iter_tar_stream(buffered, lambda msg: report.problem(rel, msg)):
                 keys.append(key)
                 if not images_expected:
                     continue

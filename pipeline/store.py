@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,13 +292,34 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     The key is the member path up to the first dot of its base name, as in webdataset.
     Members with absolute or ``..`` paths are rejected (ValueError), never extracted.
     """
-    with fs.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    with fs.open_read(url) as raw:
+        yield from iter_tar_stream(raw)
+
+
+def iter_tar_stream(
+    stream, on_problem: Callable[[str], None] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """`iter_tar_samples` over an open binary stream.
+
+    Without ``on_problem`` an unsafe member raises ValueError and other non-file members are
+    skipped; with it, each unsafe or non-file member is reported through it and skipped, so a
+    checker can list every problem of a tar instead of stopping at the first.
+    """
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
         current: str | None = None
         files: dict[str, bytes] = {}
         for member in tar:
-            if not member.isfile():
+            try:
+                check_member_name(member.name)
+            except ValueError as e:
+                if on_problem is None:
+                    raise
+                on_problem(str(e))
                 continue
-            check_member_name(member.name)
+            if not member.isfile():
+                if on_problem is not None and not member.isdir():
+                    on_problem(f"tar member {member.name!r} is not a regular file")
+                continue
             base = member.name.rsplit("/", 1)[-1]
             if "." not in base:
                 continue
