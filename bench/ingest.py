@@ -100,7 +100,12 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--n", type=int, default=320, help="number of photos (default 320; below ~150 the per-run fixed costs skew the 2-worker ratio)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=320,
+        help="number of photos (default 320; below ~150 the per-run fixed costs skew the 2-worker ratio)",
+    )
     p.add_argument(
         "--workers", type=int, default=2, help="worker count compared with 1 (default 2)"
     )

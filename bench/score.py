@@ -33,41 +33,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from photos import make_photos  # noqa: E402  (bench/photos.py)
+
 from curation.aesthetic import save_random_head  # noqa: E402
 from curation.score import ScoreWorker  # noqa: E402
 from pipeline.ingest.folder import folder_samples  # noqa: E402
 from pipeline.ingest.writer import IngestConfig, ingest  # noqa: E402
 from pipeline.store import Store  # noqa: E402
-
-SKIMAGE = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "camera",
-    "immunohistochemistry",
-    "hubble_deep_field",
-)
-SIZES = (1024, 768, 512)
-
-
-def make_photos(out: Path, n: int) -> None:
-    """``n`` JPEG files (q90) from real photos, long side cycling through SIZES."""
-    from skimage import data
-
-    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SKIMAGE]
-    sources += [
-        Image.open(p).convert("RGB")
-        for p in sorted((ROOT / "tests" / "data" / "photos").glob("*.jpg"))
-    ]
-    for i in range(n):
-        img = sources[i % len(sources)]
-        side = SIZES[(i // len(sources)) % len(SIZES)]
-        scale = side / max(img.size)
-        img = img.resize(
-            (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
-        )
-        img.save(out / f"{i:04d}.jpg", quality=90)
 
 
 def save_open_clip_folder(model_name: str, folder: Path, seed: int = 0) -> int:
