@@ -38,12 +38,16 @@ Examples (the three PixArt-alpha stages):
   alphaset manifest view create stage3 --store S --where 'clip_aesthetic >= 6 and min(width, height) >= 1024 and dup_of is null'"""
 
 
-def _store(p: argparse.ArgumentParser) -> None:
+def _action(
+    cmds, name: str, help: str, epilog: str, func, json: bool = True
+) -> argparse.ArgumentParser:
+    """One `manifest …` action: its parser with --store (and --json), bound to ``func``."""
+    p = cmds.add_parser(name, help=help, epilog=epilog, formatter_class=_FMT)
     p.add_argument("--store", required=True, help="store directory or fsspec URL")
-
-
-def _json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    if json:
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=func)
+    return p
 
 
 def _print(args: argparse.Namespace, info, lines) -> None:
@@ -167,51 +171,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = p.add_subparsers(dest="manifest_command", metavar="ACTION")
     cmds.required = True
 
-    s = cmds.add_parser(
-        "show",
-        help="shards, rows and which stages are done where",
-        epilog=SHOW_EPILOG,
-        formatter_class=_FMT,
-    )
-    _store(s)
-    _json(s)
-    s.set_defaults(func=_show)
-
-    s = cmds.add_parser(
+    _action(cmds, "show", "shards, rows and which stages are done where", SHOW_EPILOG, _show)
+    _action(
+        cmds,
         "stats",
-        help="counts, size and score percentiles, errors by reason, coverage",
-        epilog=STATS_EPILOG,
-        formatter_class=_FMT,
+        "counts, size and score percentiles, errors by reason, coverage",
+        STATS_EPILOG,
+        _stats,
     )
-    _store(s)
-    _json(s)
-    s.set_defaults(func=_stats)
-
-    s = cmds.add_parser(
+    s = _action(
+        cmds,
         "verify",
-        help="re-read everything; check checksums, counts, key alignment",
-        epilog=VERIFY_EPILOG,
-        formatter_class=_FMT,
+        "re-read everything; check checksums, counts, key alignment",
+        VERIFY_EPILOG,
+        _verify,
     )
-    _store(s)
     s.add_argument("--decode", action="store_true", help="also decode every image (slow)")
-    _json(s)
-    s.set_defaults(func=_verify)
-
-    s = cmds.add_parser(
-        "plot",
-        help="PNG histograms and top/bottom contact sheets",
-        epilog=PLOT_EPILOG,
-        formatter_class=_FMT,
-    )
-    _store(s)
+    s = _action(cmds, "plot", "PNG histograms and top/bottom contact sheets", PLOT_EPILOG, _plot)
     s.add_argument("--out", required=True, help="folder (or fsspec URL) for the PNG files")
     s.add_argument(
         "--captions", default=None, help="caption tag to show (default: the only one, if one)"
     )
     s.add_argument("--n", type=int, default=16, help="images per contact sheet (default 16)")
-    _json(s)
-    s.set_defaults(func=_plot)
 
     v = cmds.add_parser(
         "view",
@@ -221,9 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     vcmds = v.add_subparsers(dest="view_command", metavar="ACTION")
     vcmds.required = True
-    c = vcmds.add_parser(
-        "create", help="select keys with a SQL filter", epilog=VIEW_EPILOG, formatter_class=_FMT
-    )
+    c = _action(vcmds, "create", "select keys with a SQL filter", VIEW_EPILOG, _view_create)
     c.add_argument("name", help="view name (letters, digits, '_', '-', '.')")
     c.add_argument(
         "--where", required=True, help="SQL filter, e.g. 'clip_aesthetic > 5.5 and width >= 512'"
@@ -239,30 +218,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated score tags to join (default: all, incl. dedup)",
     )
     c.add_argument("--replace", action="store_true", help="overwrite an existing view of that name")
-    _store(c)
-    _json(c)
-    c.set_defaults(func=_view_create)
-    c = vcmds.add_parser(
-        "list",
-        help="every view with its counts and expression",
-        epilog=VIEW_EPILOG,
-        formatter_class=_FMT,
-    )
-    _store(c)
-    _json(c)
-    c.set_defaults(func=_view_list)
-    c = vcmds.add_parser(
-        "show",
-        help="a view's expression, tags and counts",
-        epilog=VIEW_EPILOG,
-        formatter_class=_FMT,
-    )
+    _action(vcmds, "list", "every view with its counts and expression", VIEW_EPILOG, _view_list)
+    c = _action(vcmds, "show", "a view's expression, tags and counts", VIEW_EPILOG, _view_show)
     c.add_argument("name")
     c.add_argument("--keys", type=int, default=0, help="also print the first N keys")
-    _store(c)
-    _json(c)
-    c.set_defaults(func=_view_show)
-    c = vcmds.add_parser("drop", help="delete a view", epilog=VIEW_EPILOG, formatter_class=_FMT)
+    c = _action(vcmds, "drop", "delete a view", VIEW_EPILOG, _view_drop, json=False)
     c.add_argument("name")
-    _store(c)
-    c.set_defaults(func=_view_drop)
