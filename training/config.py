@@ -327,3 +327,15 @@ def config_from_json(text: str | dict[str, Any]) -> RunConfig:
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two flat dicts."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_finetune_settings(steps: int, batch_size: int, lr: float, lora: int | None) -> None:
+    """The checks every fine-tuning command (distill, dreambooth) makes on its loop settings."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 < lr < 1:
+        raise ValueError(f"--lr must be in (0, 1), got {lr}")
+    if lora is not None and lora < 1:
+        raise ValueError(f"--lora rank must be >= 1, got {lora}")

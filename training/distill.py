@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.config import check_finetune_settings
+
 GUIDANCE_FILE = "guidance_embedding.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,12 +62,7 @@ class LcmConfig:
     seed: int = 0
 
     def validate(self) -> LcmConfig:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
+        check_finetune_settings(self.steps, self.batch_size, self.lr, self.lora)
         if not 1 <= self.ddim_steps <= 1000 or 1000 % self.ddim_steps:
             raise ValueError(f"ddim_steps must divide 1000, got {self.ddim_steps}")
         if not 1 <= self.w_min <= self.w_max:
@@ -76,8 +73,6 @@ class LcmConfig:
             raise ValueError(f"--guidance must be >= 1, got {self.guidance}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
-        if self.lora is not None and self.lora < 1:
-            raise ValueError(f"--lora rank must be >= 1, got {self.lora}")
         return self
 
 

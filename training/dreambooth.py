@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from training.config import check_finetune_settings
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -41,14 +43,7 @@ class DreamBoothConfig:
     seed: int = 0
 
     def validate(self) -> DreamBoothConfig:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"--lr must be in (0, 1), got {self.lr}")
-        if self.lora is not None and self.lora < 1:
-            raise ValueError(f"--lora rank must be >= 1, got {self.lora}")
+        check_finetune_settings(self.steps, self.batch_size, self.lr, self.lora)
         if self.prior_images < 0:
             raise ValueError(f"--prior-images must be >= 0, got {self.prior_images}")
         if (self.prior_images > 0) != bool(self.class_prompt and self.class_prompt.strip()):
