@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,18 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def make_tar() -> Callable[[Path, list[tuple[str, bytes]]], Path]:
+    """Write a tar holding ``[(member_name, bytes)]`` exactly as given (unsafe names included)."""
+
+    def write(path: Path, members: list[tuple[str, bytes]]) -> Path:
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    return write

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import shutil
-import tarfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,18 +50,3 @@ def no_proxy(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture(scope="session")
-def make_tar() -> Callable[[Path, list[tuple[str, bytes]]], Path]:
-    """Write a tar holding ``[(member_name, bytes)]`` exactly as given (unsafe names included)."""
-
-    def write(path: Path, members: list[tuple[str, bytes]]) -> Path:
-        with tarfile.open(path, "w") as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return path
-
-    return write

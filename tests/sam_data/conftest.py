@@ -8,7 +8,6 @@ import http.server
 import io
 import json
 import re
-import tarfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,21 +63,6 @@ def sa_annotation() -> Callable[[int, bytes, int], bytes]:
         return json.dumps(doc).encode()
 
     return make
-
-
-@pytest.fixture(scope="session")
-def write_tar() -> Callable[[Path, list[tuple[str, bytes]]], Path]:
-    """Write a tar holding ``[(member_name, bytes)]`` exactly as given (unsafe names included)."""
-
-    def write(path: Path, members: list[tuple[str, bytes]]) -> Path:
-        with tarfile.open(path, "w") as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return path
-
-    return write
 
 
 @pytest.fixture(scope="session")

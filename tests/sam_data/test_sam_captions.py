@@ -16,9 +16,9 @@ CAPTIONS = {i: f"A dense caption of SA-1B image {i}, with details." for i in (1,
 
 
 @pytest.fixture
-def sa_store(tmp_path, sa_members, write_tar) -> Store:
+def sa_store(tmp_path, sa_members, make_tar) -> Store:
     """Images sa_1..sa_5 in shards of 2: [sa_1, sa_2], [sa_3, sa_4], [sa_5]."""
-    tar = write_tar(tmp_path / "sa_000000.tar", sa_members([1, 2, 3, 4, 5]))
+    tar = make_tar(tmp_path / "sa_000000.tar", sa_members([1, 2, 3, 4, 5]))
     store = Store(str(tmp_path / "store"))
     ingest(store, sam_samples([str(tar)]), "sam", IngestConfig(shard_size=2), progress=False)
     return store
@@ -108,11 +108,11 @@ def test_tar_gz_source_is_streamed(tmp_path, sa_store):
 
 
 def test_ingest_with_captions_then_a_later_tar_is_captioned_by_the_separate_step(
-    tmp_path, sa_members, write_tar, capsys
+    tmp_path, sa_members, make_tar, capsys
 ):
     caps = caption_folder(tmp_path / "caps")
     store_dir = tmp_path / "s"
-    t0 = write_tar(tmp_path / "sa_000000.tar", sa_members([1, 2, 3]))
+    t0 = make_tar(tmp_path / "sa_000000.tar", sa_members([1, 2, 3]))
     assert (
         main(
             [
@@ -130,7 +130,7 @@ def test_ingest_with_captions_then_a_later_tar_is_captioned_by_the_separate_step
     )
     out = capsys.readouterr().out
     assert "captions/sam-llava: 1 shard(s) done" in out and "e.g. sa_3" in out
-    t1 = write_tar(tmp_path / "sa_000001.tar", sa_members([4, 5]))
+    t1 = make_tar(tmp_path / "sa_000001.tar", sa_members([4, 5]))
     assert main(["ingest", "sam", str(t1), "--store", str(store_dir), "--no-progress"]) == 0
     args = [
         "sam",
@@ -158,8 +158,8 @@ def test_other_settings_under_the_same_tag_are_refused(tmp_path, sa_store):
         import_captions(sa_store, caps, model="llava-v1.5-13b", progress=False)
 
 
-def test_bad_captions_path_fails_before_ingesting(tmp_path, sa_members, write_tar, capsys):
-    t0 = write_tar(tmp_path / "sa_000000.tar", sa_members([1]))
+def test_bad_captions_path_fails_before_ingesting(tmp_path, sa_members, make_tar, capsys):
+    t0 = make_tar(tmp_path / "sa_000000.tar", sa_members([1]))
     rc = main(
         [
             "ingest",

@@ -19,11 +19,11 @@ def md5(data: bytes) -> str:
 
 
 @pytest.fixture
-def sa_tars(tmp_path, sa_members, write_tar) -> dict[str, bytes]:
+def sa_tars(tmp_path, sa_members, make_tar) -> dict[str, bytes]:
     """Three real SA-1B-format tars (real photos + annotation jsons), by file name."""
     out = {}
     for n, ids in enumerate([[1, 2], [3, 4, 5], [6]]):
-        path = write_tar(tmp_path / f"src_{n}.tar", sa_members(ids))
+        path = make_tar(tmp_path / f"src_{n}.tar", sa_members(ids))
         out[f"sa_00000{n}.tar"] = path.read_bytes()
     return out
 
@@ -150,9 +150,9 @@ def test_md5_mismatch_deletes_the_file_and_reports_it(tmp_path, file_server, sa_
 
 
 def test_without_md5_a_tar_cut_between_members_is_rejected(
-    tmp_path, file_server, sa_tars, sa_members, write_tar
+    tmp_path, file_server, sa_tars, sa_members, make_tar
 ):
-    whole = write_tar(tmp_path / "w.tar", sa_members([7, 8])).read_bytes()
+    whole = make_tar(tmp_path / "w.tar", sa_members([7, 8])).read_bytes()
     with tarfile.open(tmp_path / "w.tar") as tar:
         second = tar.getmembers()[2]  # sa_8.jpg: cut just before its header
     cut = whole[: second.offset]

@@ -23,9 +23,9 @@ def ingest_cli(*args) -> int:
     return main(["ingest", "sam", *map(str, args), "--no-progress"])
 
 
-def test_tars_give_keys_image_ids_and_mask_counts(tmp_path, sa_members, write_tar, sa_photos):
-    t0 = write_tar(tmp_path / "sa_000000.tar", sa_members([10, 11]))
-    t1 = write_tar(tmp_path / "sa_000001.tar", sa_members([12, 13, 14]))
+def test_tars_give_keys_image_ids_and_mask_counts(tmp_path, sa_members, make_tar, sa_photos):
+    t0 = make_tar(tmp_path / "sa_000000.tar", sa_members([10, 11]))
+    t1 = make_tar(tmp_path / "sa_000001.tar", sa_members([12, 13, 14]))
     assert ingest_cli(t0, t1, "--store", tmp_path / "s", "--shard-size", "3") == 0
     store = Store(str(tmp_path / "s"))
     assert store.shards() == ["000000", "000001"]
@@ -59,12 +59,12 @@ def test_tars_give_keys_image_ids_and_mask_counts(tmp_path, sa_members, write_ta
     assert df["n_masks"].sum() == sum(i % 7 + 1 for i in range(10, 15))
 
 
-def test_folder_of_tars_and_extracted_folder_give_the_same_samples(tmp_path, sa_members, write_tar):
+def test_folder_of_tars_and_extracted_folder_give_the_same_samples(tmp_path, sa_members, make_tar):
     tars = tmp_path / "tars"
     tars.mkdir()
-    write_tar(tars / "sa_000001.tar", [(f"./{n}", d) for n, d in sa_members([3, 4])])
-    write_tar(tars / "000000.tar", sa_members([9]))  # a store's shard, not an SA-1B tar
-    write_tar(tars / "sa_000000.tar", sa_members([1, 2]))
+    make_tar(tars / "sa_000001.tar", [(f"./{n}", d) for n, d in sa_members([3, 4])])
+    make_tar(tars / "000000.tar", sa_members([9]))  # a store's shard, not an SA-1B tar
+    make_tar(tars / "sa_000000.tar", sa_members([1, 2]))
     (tars / "sa_000002.tar.part").write_bytes(b"half a download")
     (tars / ".sa_000000.tar.verified").write_text("{}")
     extracted = tmp_path / "extracted" / "sa_000000"
@@ -77,11 +77,11 @@ def test_folder_of_tars_and_extracted_folder_give_the_same_samples(tmp_path, sa_
     assert a == b == [(f"sa_{i}", i, i % 7 + 1) for i in (1, 2, 3, 4)]
 
 
-def test_unsafe_members_are_error_rows_and_never_written(tmp_path, sa_members, write_tar, capsys):
+def test_unsafe_members_are_error_rows_and_never_written(tmp_path, sa_members, make_tar, capsys):
     members = sa_members([5])
     members += [("../sa_6.jpg", members[0][1]), ("/tmp/sa_7.jpg", members[0][1])]
     (tmp_path / "in").mkdir()
-    tar = write_tar(tmp_path / "in" / "sa_000000.tar", members)
+    tar = make_tar(tmp_path / "in" / "sa_000000.tar", members)
     assert ingest_cli(tar, "--store", tmp_path / "s") == 0
     rows = meta_rows(tmp_path / "s")
     bad = [r for r in rows.values() if r["status"] == "error"]
@@ -95,7 +95,7 @@ def test_unsafe_members_are_error_rows_and_never_written(tmp_path, sa_members, w
     assert "2  unsafe tar member" in capsys.readouterr().out
 
 
-def test_incomplete_pairs_and_member_order(tmp_path, sa_members, write_tar, sa_photos):
+def test_incomplete_pairs_and_member_order(tmp_path, sa_members, make_tar, sa_photos):
     m = dict(sa_members([1, 2, 3, 4]))
     members = [
         ("sa_2.jpg", m["sa_2.jpg"]),  # pairs interleaved: matched by key, not adjacency
@@ -108,7 +108,7 @@ def test_incomplete_pairs_and_member_order(tmp_path, sa_members, write_tar, sa_p
         ("sa_5.json", b'{"image": {"image_id": 5'),  # malformed
         ("README.md", b"hello"),
     ]
-    tar = write_tar(tmp_path / "sa_000000.tar", members)
+    tar = make_tar(tmp_path / "sa_000000.tar", members)
     store = Store(str(tmp_path / "s"))
     s = ingest(store, sam_samples([str(tar)]), "sam", IngestConfig(), progress=False)
     rows = meta_rows(tmp_path / "s")
@@ -130,8 +130,8 @@ def test_incomplete_pairs_and_member_order(tmp_path, sa_members, write_tar, sa_p
     assert dict(s.errors) == {"missing image": 1, "unexpected tar member": 1}
 
 
-def test_a_tar_cut_short_keeps_what_it_held(tmp_path, sa_members, write_tar):
-    whole = write_tar(tmp_path / "w.tar", sa_members([1, 2, 3])).read_bytes()
+def test_a_tar_cut_short_keeps_what_it_held(tmp_path, sa_members, make_tar):
+    whole = make_tar(tmp_path / "w.tar", sa_members([1, 2, 3])).read_bytes()
     with tarfile.open(tmp_path / "w.tar") as tar:
         last = tar.getmembers()[-2]  # sa_3.jpg
     (tmp_path / "sa_000000.tar").write_bytes(whole[: last.offset_data + last.size // 2])
@@ -146,15 +146,15 @@ def test_a_tar_cut_short_keeps_what_it_held(tmp_path, sa_members, write_tar):
 
 
 def test_reingest_adds_nothing_and_a_new_tar_goes_to_a_new_shard(
-    tmp_path, sa_members, write_tar, capsys
+    tmp_path, sa_members, make_tar, capsys
 ):
     src = tmp_path / "tars"
     src.mkdir()
-    write_tar(src / "sa_000000.tar", sa_members([1, 2]))
+    make_tar(src / "sa_000000.tar", sa_members([1, 2]))
     assert ingest_cli(src, "--store", tmp_path / "s") == 0
     assert ingest_cli(src, "--store", tmp_path / "s") == 0
     assert "nothing new" in capsys.readouterr().out
-    write_tar(src / "sa_000001.tar", sa_members([3]))
+    make_tar(src / "sa_000001.tar", sa_members([3]))
     assert ingest_cli(src, "--store", tmp_path / "s") == 0
     store = Store(str(tmp_path / "s"))
     assert [store.ok_keys(s) for s in store.shards()] == [["sa_1", "sa_2"], ["sa_3"]]
