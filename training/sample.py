@@ -17,6 +17,9 @@ Seeds: image ``i`` of a run (prompts in order, ``per_prompt`` images each) start
 generator seeded ``seed + i``, for the initial noise and every stochastic sampler step, so an image
 depends on its seed and settings only, not on the batch it ran in or on the device's RNG.
 
+IDDPM on a learned-sigma DiT samples with the learned variance (`learned_variance`): the
+pipeline passes the scheduler only the noise half of the output, a forward hook keeps the rest.
+
 ``low_vram`` runs the three models one after the other: T5 encodes every prompt with its weights
 streamed to the device layer by layer (diffusers group offloading), is freed, then the DiT runs on
 the stored embeddings and the VAE decodes one image at a time in tiles.
@@ -30,8 +33,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -105,8 +110,9 @@ SAMPLERS: dict[str, Sampler] = {
         settings={
             # IDDPM's respacing of the 1000 training steps ("100"): evenly spaced, t = 999 … 0.
             "timestep_spacing": "linspace",
-            # The pipeline keeps only the noise half of a learned-sigma output, so the variance
-            # is the posterior one of the respaced chain (IDDPM's fixed-small), not the learned.
+            # A model without learned sigma samples with the posterior variance of the respaced
+            # chain (IDDPM's fixed-small); a learned-sigma one with its own ("learned_range",
+            # see `learned_variance`).
             "variance_type": "fixed_small",
             "clip_sample": False,
             "thresholding": False,
@@ -130,6 +136,65 @@ SAMPLERS: dict[str, Sampler] = {
         about="latent consistency, for LCM-distilled models (PixArt-LCM)",
     ),
 }
+
+
+def learned_sigma(transformer: Any) -> bool:
+    """Whether the DiT predicts its variance: twice the latent channels out (PixArt's 8 of 4)."""
+    c = transformer.config
+    return c.out_channels == 2 * c.in_channels
+
+
+@contextmanager
+def learned_variance(pipe: Any) -> Iterator[bool]:
+    """IDDPM sampling with the variance the DiT learned, inside diffusers' PixArt pipeline.
+
+    The pipeline passes the scheduler only the noise half of a learned-sigma output. Within this
+    context, for a ``DDPMScheduler`` and a learned-sigma transformer, a forward hook keeps the
+    other half (of the text-conditioned branch under guidance, as PixArt's IDDPM does) and the
+    scheduler — switched to ``variance_type="learned_range"`` — gets it back with the noise at
+    each step. Yields whether it applies; the hook is removed on exit.
+    """
+    import diffusers
+
+    transformer = pipe.transformer
+    if type(pipe.scheduler) is not diffusers.DDPMScheduler or not learned_sigma(transformer):
+        yield False
+        return
+    base = pipe.scheduler
+    scheduler = _learned_range_ddpm().from_config(base.config, variance_type="learned_range")
+
+    def keep(module: Any, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output.sample
+        scheduler.variance = out[:, out.shape[1] // 2 :]
+
+    handle = transformer.register_forward_hook(keep)
+    pipe.scheduler = scheduler
+    try:
+        yield True
+    finally:
+        handle.remove()
+        scheduler.variance = None
+
+
+@cache
+def _learned_range_ddpm() -> type:
+    from diffusers import DDPMScheduler
+
+    class LearnedRangeDDPMScheduler(DDPMScheduler):
+        """``DDPMScheduler`` whose ``step`` re-joins the noise the pipeline passes with the
+        variance half kept by `learned_variance`'s hook."""
+
+        variance: torch.Tensor | None = None
+
+        def step(self, model_output, timestep, sample, generator=None, return_dict=True):  # type: ignore[no-untyped-def]
+            v = self.variance
+            if v is not None and model_output.shape[1] == sample.shape[1]:
+                if v.shape[0] == 2 * sample.shape[0]:  # guidance: [uncond, text] → the text half
+                    v = v.chunk(2)[1]
+                model_output = torch.cat([model_output, v.to(model_output.dtype)], dim=1)
+            return super().step(model_output, timestep, sample, generator, return_dict)
+
+    return LearnedRangeDDPMScheduler
 
 
 def get_sampler(name: str) -> Sampler:
@@ -408,37 +473,38 @@ def generate(
         pipe.to(device)
         start = time.perf_counter()
 
-    # 3. Denoise (and decode, normal path) batch by batch.
+    # 3. Denoise (and decode, normal path) batch by batch; IDDPM uses a learned variance.
     images: list[Image.Image] = []
-    for lo in range(0, len(texts), settings.batch):
-        hi = min(lo + settings.batch, len(texts))
-        kw: dict[str, Any] = {
-            "num_inference_steps": settings.steps,
-            "guidance_scale": settings.cfg,
-            "height": height,
-            "width": width,
-            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds[lo:hi]],
-            "clean_caption": False,
-            "use_resolution_binning": False,  # snapped above, to our (training) buckets
-            "max_sequence_length": model.max_length,
-        }
-        if not settings.low_vram:
-            images += pipe(texts[lo:hi], negative_prompt=NEGATIVE_PROMPT, **kw).images
-            continue
-        pe, pm, ne, nm = (None if t is None else t[lo:hi] for t in embeds)
-        latents = pipe(
-            prompt_embeds=pe,
-            prompt_attention_mask=pm,
-            negative_prompt_embeds=ne,
-            negative_prompt_attention_mask=nm,
-            negative_prompt=None,
-            output_type="latent",
-            **kw,
-        ).images  # (B, 4, H/8, W/8)
-        with torch.no_grad():
-            for z in latents.split(1):  # one image at a time through the tiled VAE
-                x = pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)[0]
-                images += pipe.image_processor.postprocess(x, output_type="pil")
+    with learned_variance(pipe):
+        for lo in range(0, len(texts), settings.batch):
+            hi = min(lo + settings.batch, len(texts))
+            kw: dict[str, Any] = {
+                "num_inference_steps": settings.steps,
+                "guidance_scale": settings.cfg,
+                "height": height,
+                "width": width,
+                "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds[lo:hi]],
+                "clean_caption": False,
+                "use_resolution_binning": False,  # snapped above, to our (training) buckets
+                "max_sequence_length": model.max_length,
+            }
+            if not settings.low_vram:
+                images += pipe(texts[lo:hi], negative_prompt=NEGATIVE_PROMPT, **kw).images
+                continue
+            pe, pm, ne, nm = (None if t is None else t[lo:hi] for t in embeds)
+            latents = pipe(
+                prompt_embeds=pe,
+                prompt_attention_mask=pm,
+                negative_prompt_embeds=ne,
+                negative_prompt_attention_mask=nm,
+                negative_prompt=None,
+                output_type="latent",
+                **kw,
+            ).images  # (B, 4, H/8, W/8)
+            with torch.no_grad():
+                for z in latents.split(1):  # one image at a time through the tiled VAE
+                    x = pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                    images += pipe.image_processor.postprocess(x, output_type="pil")
     if on_cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -447,7 +513,7 @@ def generate(
         prompts=given,
         seeds=seeds,
         size=(width, height),
-        scheduler={"class": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)},
+        scheduler={"class": get_sampler(settings.sampler).scheduler, **dict(pipe.scheduler.config)},
         seconds=seconds,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if on_cuda else None,
     )

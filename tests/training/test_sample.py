@@ -199,6 +199,55 @@ def test_low_vram_matches_the_normal_path(exports):
         generate(model, PROMPTS[:1], SampleSettings(steps=2, low_vram=True))
 
 
+def test_iddpm_samples_with_the_learned_variance(exports, monkeypatch):
+    """IDDPM runs diffusers' DDPMScheduler on the DiT's *whole* output ("learned_range"): with the
+    DiT's last layer set to predict eps = 0 and a variance half of v, the latents the pipeline
+    decodes equal a reference chain of that scheduler stepped on [0, v] — and v = -1 (the
+    posterior variance) is what the noise-only fixed_small chain gives, while v = +1 is not."""
+    from diffusers import DDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    import training.sample as sample_mod
+
+    model = load_model(str(exports["single"]))
+    transformer, vae = model.pipe.transformer, model.pipe.vae
+    assert sample_mod.learned_sigma(transformer)
+    proj = transformer.proj_out  # the last layer; unpatchify puts feature k in channel k % 8
+    with torch.no_grad():
+        proj.weight.zero_()
+        proj.bias.zero_()
+    decoded: list[torch.Tensor] = []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z, **kw: decoded.append(z.clone()) or decode(z, **kw))
+    steps, seed = 4, 3
+
+    def run(v: float) -> torch.Tensor:
+        with torch.no_grad():
+            proj.bias[torch.arange(proj.out_features) % 8 >= 4] = v
+        gen = generate(model, PROMPTS[:1], SampleSettings(sampler="iddpm", steps=steps, seed=seed))
+        assert gen.scheduler["class"] == "DDPMScheduler"
+        assert not transformer._forward_hooks  # the hook is gone after the run
+        return decoded[-1] * vae.config.scaling_factor
+
+    def reference(variance_type: str, v: float | None) -> torch.Tensor:
+        sched = sample_mod.make_scheduler("iddpm", model.scheduler_config)
+        sched = DDPMScheduler.from_config(sched.config, variance_type=variance_type)
+        sched.set_timesteps(steps)
+        g = [torch.Generator("cpu").manual_seed(seed)]
+        x = randn_tensor((1, 4, 32, 32), generator=g)
+        for t in sched.timesteps:
+            out = torch.zeros_like(x) if v is None else torch.cat([0 * x, torch.full_like(x, v)], 1)
+            x = sched.step(out, t, x, generator=g).prev_sample
+        return x
+
+    low, high = run(-1.0), run(1.0)
+    torch.testing.assert_close(low, reference("learned_range", -1.0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(high, reference("learned_range", 1.0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(low, reference("fixed_small", None), rtol=1e-4, atol=1e-3)
+    # beta_t vs the posterior variance: the noise added at the last noisy step differs by ~0.7 std
+    assert (high - low).abs().mean() > 0.3
+
+
 # ---- errors -------------------------------------------------------------------------------------
 def test_library_errors(exports, tmp_path):
     export = str(exports["single"])
