@@ -29,8 +29,11 @@ Writes: STORE/scores/dedup/NNNNNN.parquet  key, dup_of, dup_kind (exact|phash|se
         then the smallest key); the others get dup_of = the kept key. Global: reruns completely when
         an input shard or a setting changed, does nothing otherwise. Filter with 'dup_of is null'.
 Thresholds: phash distance 8 of 64 bits (resized/re-compressed copies measure 0, crops of 2-3 %
-        per side 4-8, distinct photos >= 24); cosine 0.95 for ViT-L/14-class embeddings. Search is
-        exact below 200k rows, a usearch HNSW index above.
+        per side 4-8, distinct photos >= 24); cosine 0.95 for ViT-L/14-class embeddings.
+Search: a range search (every neighbour within the threshold). Exhaustive below 50k embeddings /
+        1M hashes; above, a faiss inverted file (k-means cells, 4*sqrt(n) of them) probing
+        --nprobe (semantic, default 16) / --phash-nprobe (default 256) cells per query: more
+        probes, higher recall, proportionally slower.
 Example: alphaset dedup --store ./store --phash-threshold 8 --semantic-threshold 0.95"""
 
 
@@ -63,6 +66,8 @@ def _dedup(args: argparse.Namespace) -> int:
         phash_threshold=args.phash_threshold,
         semantic_threshold=args.semantic_threshold,
         semantic=not args.no_semantic,
+        nprobe=args.nprobe,
+        phash_nprobe=args.phash_nprobe,
     )
     print("\n".join(dedup_store(args.store, cfg).lines()))
     return 0
@@ -156,4 +161,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="min CLIP cosine for semantic duplicates (default 0.95)",
     )
     d.add_argument("--no-semantic", action="store_true", help="skip the CLIP-embedding search")
+    d.add_argument(
+        "--nprobe", type=int, default=16, help="IVF cells probed per embedding (default 16)"
+    )
+    d.add_argument(
+        "--phash-nprobe", type=int, default=256, help="IVF cells probed per phash (default 256)"
+    )
     d.set_defaults(func=_dedup)

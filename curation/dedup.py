@@ -9,9 +9,10 @@ computed with scipy's sparse ``connected_components``). Each group keeps one ima
 the kept key, ``dup_kind`` = its strongest link (exact > phash > semantic) and ``dup_score`` = that
 link's similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic).
 
-Neighbour search is exact and blockwise in numpy up to ``EXACT_LIMIT`` rows (measured by
-bench/dedup.py) and uses a usearch HNSW index above, fed shard by shard so memory is the index,
-not a copy of every embedding. Dedup is global: when any input changed (checksums of the ingest,
+Neighbour search is a range search — every neighbour within the threshold, however large the
+group — exhaustive up to ``EXACT_LIMIT`` rows (measured by bench/dedup.py) and through a faiss
+inverted file (k-means cells, ``nprobe`` probed per query) above, fed shard by shard so memory is
+the index, not a copy of every embedding. Dedup is global: when any input changed (checksums of the ingest,
 score and embedding shards, recorded in the stage settings) it reruns completely; when nothing
 changed it does nothing.
 """
@@ -38,16 +39,18 @@ log = logging.getLogger(__name__)
 STAGE = "scores/dedup"
 KINDS = ("exact", "phash", "semantic")  # strongest first
 _PRIORITY = {"exact": 3, "phash": 2, "semantic": 1}
-# Below these sizes an exact blockwise search is faster than building an HNSW index (bench/dedup.py).
-# Exact blockwise search up to this many rows: bench/dedup.py measured the exact/HNSW crossover
-# (CPU time, random data) at ~130k-230k 768-d vectors and ~270k 64-bit hashes; beyond, exact is
-# quadratic and only the index scales.
-EXACT_LIMIT = {"phash": 200_000, "semantic": 200_000}
+# Exhaustive search up to this many rows, a faiss inverted file (IVF) above. bench/dedup.py
+# measured (2 vCPUs, random data): semantic — the IVF beats numpy's blockwise search from ~SEM
+# 768-d vectors; phash — faiss's exhaustive popcount search takes 7 CPU-s at 100k hashes and
+# 11 CPU-min at 1M (quadratic), so it stays exact (recall 1) up to 1M.
+EXACT_LIMIT = {"phash": 1_000_000, "semantic": 50_000}
 BLOCK = 2048  # rows per tile of the exact search
-# Inverted-file (faiss IVF) search: cells probed per query, k-means iterations, and training
-# points per cell. bench/dedup.py: on 100k random 768-d vectors (the worst case: no clusters)
-# the recall of planted cosine-0.97 pairs was 0.94 with 1 probe, 0.998 with 4 and 1.000 with 16.
+# Inverted-file search: cells probed per query, k-means iterations, training points per cell.
+# bench/dedup.py, recall of planted near copies in random data (the worst case: no clusters):
+# 100k 768-d vectors at cosine ~0.97 — 0.94 with 1 probe, 0.998 with 4, 1.000 with 16; 1M
+# 64-bit hashes 6 bits apart — 0.92 with 64 probes, 1.000 with 256.
 NPROBE = 16
+NPROBE_PHASH = 256
 KMEANS_ITERS = 10
 TRAIN_PER_CELL = 64
 
@@ -60,9 +63,10 @@ class DedupConfig:
     phash_threshold: int = 8  # max Hamming distance of the 64-bit phash
     semantic_threshold: float = 0.95  # min cosine of L2-normalised CLIP embeddings
     semantic: bool = True
-    neighbours: int = 16  # k of the approximate (usearch) search
+    nprobe: int = NPROBE  # IVF cells probed per query, semantic search
+    phash_nprobe: int = NPROBE_PHASH  # IVF cells probed per query, phash search
     exact_limit: int | None = None  # override EXACT_LIMIT for both kinds (tests, benchmarks)
-    threads: int = 0  # usearch threads; 0 = all cores
+    threads: int = 0  # faiss threads; 0 = all cores
 
     def __post_init__(self) -> None:
         if not 0 <= self.phash_threshold <= 32:
@@ -73,8 +77,10 @@ class DedupConfig:
             raise ValueError(
                 f"--semantic-threshold must be a cosine in (0, 1], got {self.semantic_threshold}"
             )
-        if self.neighbours < 1:
-            raise ValueError(f"--neighbours must be >= 1, got {self.neighbours}")
+        if self.nprobe < 1 or self.phash_nprobe < 1:
+            raise ValueError(
+                f"--nprobe and --phash-nprobe must be >= 1, got {self.nprobe}, {self.phash_nprobe}"
+            )
 
 
 # ---- neighbour search -----------------------------------------------------------------------
@@ -115,43 +121,53 @@ def hamming_pairs(
     hashes: np.ndarray,
     threshold: int,
     exact_limit: int | None = None,
-    k: int = 16,
+    nprobe: int = NPROBE_PHASH,
+    nlist: int | None = None,
     threads: int = 0,
     stats: dict[str, float] | None = None,
 ) -> Pairs:
     """Pairs of 64-bit hashes (uint64) within ``threshold`` bits; score = 1 − distance/64.
 
-    ``stats``, when given, receives the usearch index size and add/search seconds.
+    A faiss range search (every hash within the threshold, no k cap): exhaustive
+    (``IndexBinaryFlat``) up to ``exact_limit`` rows, above it an inverted file of binary k-means
+    cells (``IndexBinaryIVF``, ``nlist`` default 4·√n) probing ``nprobe`` cells per query.
+    ``stats`` as in `cosine_pairs`.
     """
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
     n = len(hashes)
     limit = EXACT_LIMIT["phash"] if exact_limit is None else exact_limit
-    parts = []
-    if n <= limit:
-        for a in range(0, n, BLOCK):
-            x = hashes[a : a + BLOCK]
-            for c in range(a, n, BLOCK):
-                d = np.bitwise_count(x[:, None] ^ hashes[None, c : c + BLOCK])  # (B, B) bits
-                ii, jj = np.nonzero(d <= threshold)
-                parts.append((ii + a, jj + c, 1.0 - d[ii, jj] / 64.0))
-        return Pairs.concat(parts, "exact")
-    from usearch.index import Index
-
-    index = Index(ndim=64, metric="hamming", expansion_search=SEARCH_EF)
-    packed = hashes.astype(np.uint64).view(np.uint8).reshape(n, 8)
+    packed = np.ascontiguousarray(hashes.astype(np.uint64)).view(np.uint8).reshape(n, 8)
     t0 = time.perf_counter()
-    index.add(np.arange(n, dtype=np.uint64), packed, threads=threads)
+    if n <= limit:
+        index, method = faiss.IndexBinaryFlat(64), "exact"
+    else:
+        nlist = _nlist(n, nlist)
+        index, method = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(64), 64, nlist), "faiss-ivf"
+        index.cp.niter = KMEANS_ITERS
+        index.train(packed[:: max(1, n // (TRAIN_PER_CELL * nlist))])
+        index.nprobe = min(nprobe, nlist)
     t1 = time.perf_counter()
+    index.add(packed)
+    t2 = time.perf_counter()
+    parts = []
     for a in range(0, n, 1 << 16):
-        m = index.search(packed[a : a + (1 << 16)], min(k + 1, n), threads=threads)
-        keys, dist = m.keys.astype(np.int64), m.distances
-        ok = (dist <= threshold) & (keys >= 0)
-        rows = np.nonzero(ok)
-        parts.append((rows[0] + a, keys[rows], 1.0 - dist[rows] / 64.0))
-    if stats is not None:
-        stats.update(
-            index_bytes=index.memory_usage, add_s=t1 - t0, search_s=time.perf_counter() - t1
+        lims, dist, keys = index.range_search(packed[a : a + (1 << 16)], threshold + 1)  # d < r
+        rows = (
+            np.repeat(np.arange(len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64)) + a
         )
-    return Pairs.concat(parts, "usearch")
+        parts.append((rows, keys.astype(np.int64), 1.0 - dist / 64.0))
+    if stats is not None:
+        stats.update(train_s=t1 - t0, add_s=t2 - t1, search_s=time.perf_counter() - t2)
+        stats.update(index_bytes=float(n * (8 + (8 if method != "exact" else 0))))
+    return Pairs.concat(parts, method)
+
+
+def _nlist(n: int, nlist: int | None) -> int:
+    """Inverted-file cells: 4·√n by default (faiss's guideline), at least 39 points per cell."""
+    return max(1, min(nlist or int(4 * math.sqrt(n)), n // 39))
 
 
 def cosine_pairs(
@@ -191,15 +207,22 @@ def cosine_pairs(
 
     if threads:
         faiss.omp_set_num_threads(threads)
-    nlist = max(1, min(nlist or int(4 * math.sqrt(n)), n // 39))  # faiss: >= 39 points per cell
+    nlist = _nlist(n, nlist)
     stride = max(1, n // (TRAIN_PER_CELL * nlist))
     t0 = time.perf_counter()
     sample = np.concatenate(
-        [np.asarray(c[(-offset) % stride :: stride], np.float32) for offset, c in _offsets(chunks())]
+        [
+            np.asarray(c[(-offset) % stride :: stride], np.float32)
+            for offset, c in _offsets(chunks())
+        ]
     )
     dim = sample.shape[1]
     index = faiss.IndexIVFScalarQuantizer(
-        faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        faiss.IndexFlatIP(dim),
+        dim,
+        nlist,
+        faiss.ScalarQuantizer.QT_fp16,
+        faiss.METRIC_INNER_PRODUCT,
     )
     index.cp.niter = KMEANS_ITERS
     index.cp.max_points_per_centroid = TRAIN_PER_CELL
@@ -213,7 +236,7 @@ def cosine_pairs(
     radius = float(np.nextafter(np.float32(threshold), np.float32(-1)))  # faiss keeps ip > radius
     for offset, c in _offsets(chunks()):
         lims, sims, keys = index.range_search(np.ascontiguousarray(c, dtype=np.float32), radius)
-        rows = np.repeat(np.arange(len(c), dtype=np.int64), np.diff(lims)) + offset
+        rows = np.repeat(np.arange(len(c), dtype=np.int64), np.diff(lims).astype(np.int64)) + offset
         ok = sims >= threshold
         parts.append((rows[ok], keys[ok].astype(np.int64), np.minimum(sims[ok], 1.0)))
     if stats is not None:
@@ -296,7 +319,7 @@ class DedupSummary:
     rows: int = 0
     groups: int = 0
     duplicates: Counter = field(default_factory=Counter)  # by kind
-    methods: dict[str, str] = field(default_factory=dict)  # kind -> exact | usearch
+    methods: dict[str, str] = field(default_factory=dict)  # kind -> exact | faiss-ivf
     unchanged: bool = False
     seconds: float = 0.0
     tag: str = ""
@@ -448,7 +471,9 @@ def _pairs(
     pairs["exact"].method = "sha256"
     has_hash = np.nonzero([h is not None for h in rows["phash"]])[0]
     hashes = np.array([int(rows["phash"][i], 16) for i in has_hash], dtype=np.uint64)
-    p = hamming_pairs(hashes, cfg.phash_threshold, cfg.exact_limit, cfg.neighbours, cfg.threads)
+    p = hamming_pairs(
+        hashes, cfg.phash_threshold, cfg.exact_limit, cfg.phash_nprobe, threads=cfg.threads
+    )
     pairs["phash"] = Pairs(has_hash[p.i], has_hash[p.j], p.score, p.method)
     if cfg.semantic:
         pairs["semantic"] = _semantic(store, tag, shards, rows, cfg)
@@ -515,7 +540,7 @@ def _semantic(
 
     n = sum(store.completed(f"embeddings/{tag}")[s].get("ok", 0) for s in shards)
     p = cosine_pairs(
-        chunks, n, cfg.semantic_threshold, cfg.exact_limit, cfg.neighbours, cfg.threads
+        chunks, n, cfg.semantic_threshold, cfg.exact_limit, cfg.nprobe, threads=cfg.threads
     )
     rows_of = np.concatenate(index_of) if index_of else np.zeros(0, np.int64)
     return Pairs(rows_of[p.i], rows_of[p.j], p.score, p.method)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -103,6 +105,8 @@ def test_dedup_needs_scores(photos_dir, tmp_path, make_store, capsys):
     assert "no scores in" in capsys.readouterr().err
     assert main(["dedup", "--store", store.root, "--phash-threshold", "40"]) == 2
     assert "--phash-threshold must be in 0..32" in capsys.readouterr().err
+    assert main(["dedup", "--store", store.root, "--nprobe", "0"]) == 2
+    assert "--nprobe and --phash-nprobe must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_dedup_prints_summary(scored_store, capsys):
@@ -125,26 +129,31 @@ def planted_vectors(n=3000, dim=64, copies=40, noise=0.01, seed=0):
     return x, set(zip(src.tolist(), dst.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("exact_limit", [None, 0], ids=["blockwise", "usearch"])
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["blockwise", "faiss-ivf"])
 def test_cosine_pairs_find_planted_near_copies(exact_limit):
     x, planted = planted_vectors()
     chunks = lambda: (x[a : a + 700] for a in range(0, len(x), 700))  # noqa: E731
-    p = cosine_pairs(chunks, len(x), 0.98, exact_limit=exact_limit, k=8)
-    assert p.method == ("exact" if exact_limit is None else "usearch")
+    stats: dict[str, float] = {}
+    p = cosine_pairs(chunks, len(x), 0.98, exact_limit=exact_limit, stats=stats)
+    assert p.method == ("exact" if exact_limit is None else "faiss-ivf")
+    if exact_limit == 0:
+        # 4·√n cells, capped at 39 training points per cell (faiss's minimum)
+        assert stats["nlist"] == min(int(4 * math.sqrt(len(x))), len(x) // 39) > 1
     assert (
         set(zip(p.i.tolist(), p.j.tolist(), strict=True)) == planted
     )  # random pairs are ~0 cosine
     assert np.all(p.score >= 0.98) and np.all(p.i < p.j)
 
 
-@pytest.mark.parametrize("exact_limit", [None, 0], ids=["blockwise", "usearch"])
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exhaustive", "faiss-ivf"])
 def test_hamming_pairs_find_flipped_hashes(exact_limit):
     rng = np.random.default_rng(1)
     h = rng.integers(0, 2**63, size=5000, dtype=np.uint64) * np.uint64(2) + rng.integers(
         0, 2, 5000, dtype=np.uint64
     )
     copies = h[:30] ^ np.uint64(0b1011_0001)  # 4 bits flipped
-    p = hamming_pairs(np.concatenate([h, copies]), 5, exact_limit=exact_limit, k=8)
+    p = hamming_pairs(np.concatenate([h, copies]), 5, exact_limit=exact_limit)
+    assert p.method == ("exact" if exact_limit is None else "faiss-ivf")
     found = set(zip(p.i.tolist(), p.j.tolist(), strict=True))
     assert found == {(i, 5000 + i) for i in range(30)}
     assert np.allclose(p.score, 1 - 4 / 64)
