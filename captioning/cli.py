@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.stage import add_stage_flags, stage_args
+
 from .captioner import CACHES, DEFAULT_PROMPT, DTYPES
 from .models import PRESETS
 
@@ -52,16 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
     p.add_argument(
-        "--workers", type=int, default=1, help="model actors, one model copy each (default 1)"
-    )
-    p.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="GPUs per actor (default: 1 if the cluster has GPUs, else 0)",
-    )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
-    p.add_argument(
         "--dtype",
         choices=DTYPES,
         default="auto",
@@ -73,19 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="dynamic",
         help="KV cache; static compiles the forward on GPU",
     )
-    p.add_argument(
-        "--max-retries",
-        type=int,
-        default=2,
-        help="retries of a shard whose actor died or failed (default 2)",
-    )
-    p.add_argument("--shards", default=None, help="comma-separated shard names (default: all)")
-    p.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster to attach to (default: RAY_ADDRESS, else local)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_flags(p)
     p.set_defaults(func=_run)
 
 
@@ -101,15 +81,9 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_side=args.max_side,
         batch_size=args.batch_size,
-        workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
         dtype=args.dtype,
         cache=args.cache,
-        max_retries=args.max_retries,
-        shards=args.shards.split(",") if args.shards else None,
-        ray_address=args.ray_address,
-        progress=not args.no_progress,
+        **stage_args(args),
     )
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1

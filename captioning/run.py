@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.cluster import place_workers
 from pipeline.models import Preset, not_found, resolve
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store
@@ -86,10 +87,7 @@ def caption_store(
     load_from, model_name, preset = locate_model(model)
     tag = check_tag(tag or model_name)
     # 3. Place workers: one GPU each when the cluster has GPUs.
-    if gpus_per_worker is None:
-        gpus_per_worker = _default_gpus(ray_address) if use_ray else 0.0
-    elif use_ray:
-        _connect(ray_address)
+    gpus_per_worker = place_workers(gpus_per_worker, ray_address, use_ray)
     settings = {"model": load_from, **config.settings()}
     spec = StageSpec(
         stage=stage_name(tag),
@@ -110,20 +108,6 @@ def caption_store(
     )
     # 4. Run (skips done shards, retries failed ones, refreshes the manifest).
     return run_stage(st, spec, progress=progress, use_ray=use_ray)
-
-
-def _connect(address: str | None) -> None:
-    from pipeline.cluster import init_ray
-
-    init_ray(address)
-
-
-def _default_gpus(address: str | None) -> float:
-    import ray
-
-    _connect(address)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return 1.0 if gpus >= 1 else 0.0
 
 
 __all__ = ["caption_store", "locate_model"]

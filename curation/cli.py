@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.stage import add_stage_flags, stage_args
+
 SCORE_EPILOG = """\
 Reads:  STORE/images, STORE/meta (alt_text), STORE/captions/<tag> (every caption tag, or --captions).
 Writes: STORE/embeddings/<tag>/NNNNNN.parquet  key, embedding (fixed-size list<float16>, L2-normalised), error
@@ -40,6 +42,8 @@ Example: alphaset dedup --store ./store --phash-threshold 8 --semantic-threshold
 def _score(args: argparse.Namespace) -> int:
     from curation.score import ScoreConfig, score_store
 
+    placement = stage_args(args)
+    run = {k: placement.pop(k) for k in ("progress", "use_ray", "ray_address")}
     cfg = ScoreConfig(
         clip=args.clip,
         aesthetic=args.aesthetic,
@@ -48,12 +52,9 @@ def _score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         decode_workers=args.decode_workers,
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-        max_retries=args.max_retries,
+        **placement,
     )
-    summary = score_store(args.store, cfg, progress=not args.no_progress, use_ray=not args.no_ray)
+    summary = score_store(args.store, cfg, **run)
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1
 
@@ -113,28 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="decode processes per worker (default: CPU cores - 1, at most 16; lower it when several workers share a node)",
     )
-    p.add_argument(
-        "--workers", type=int, default=1, help="parallel stage workers (Ray actors; default 1)"
-    )
-    p.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=1.0,
-        help="CPUs Ray reserves per worker (default 1)",
-    )
-    p.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=0.0,
-        help="GPUs per worker (default 0; use 1 on GPU nodes)",
-    )
-    p.add_argument(
-        "--max-retries", type=int, default=2, help="retries of a failed shard (default 2)"
-    )
-    p.add_argument(
-        "--no-ray", action="store_true", help="run in this process, without Ray (debugging)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_flags(p, "stage workers")
     p.set_defaults(func=_score)
 
     d = sub.add_parser(

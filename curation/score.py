@@ -36,6 +36,7 @@ from curation.aesthetic import load_head
 from curation.decode import SHARPNESS_SIDE, Decoded, DecodePool
 from curation.models import FOLDER_HEAD, default_tag, load_clip, resolve_clip
 from pipeline import fs
+from pipeline.cluster import place_workers
 from pipeline.ingest.writer import error_category
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store
@@ -355,7 +356,7 @@ class ScoreConfig:
     decode_workers: int = 0  # decode processes per worker; 0: cores - 1, at most 16
     workers: int = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     max_retries: int = 2
     shards: list[str] | None = None
 
@@ -393,7 +394,11 @@ def _file_sha256(path: str) -> str:
 
 
 def score_store(
-    store: Store | str, cfg: ScoreConfig, progress: bool = True, use_ray: bool = True
+    store: Store | str,
+    cfg: ScoreConfig,
+    progress: bool = True,
+    use_ray: bool = True,
+    ray_address: str | None = None,
 ) -> StageSummary:
     """Embed and score every (not yet scored) shard of ``store``; returns the stage summary.
 
@@ -457,7 +462,7 @@ def score_store(
         shards=cfg.shards,
         workers=cfg.workers,
         cpus_per_worker=cfg.cpus_per_worker,
-        gpus_per_worker=cfg.gpus_per_worker,
+        gpus_per_worker=place_workers(cfg.gpus_per_worker, ray_address, use_ray),
         max_retries=cfg.max_retries,
     )
     return run_stage(store, spec, progress=progress, use_ray=use_ray)

@@ -28,3 +28,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+
+
+def place_workers(gpus_per_worker: float | None, address: str | None, use_ray: bool) -> float:
+    """GPUs per stage worker: as given, else 1 when the cluster (or, without Ray, this machine)
+    has a GPU, else 0. With Ray it connects first (``address``, else RAY_ADDRESS, else local)."""
+    if use_ray:
+        init_ray(address)
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    if use_ray:
+        import ray
+
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0

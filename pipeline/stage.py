@@ -9,6 +9,7 @@ current. The same worker runs without Ray (``use_ray=False``) for debugging and 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -21,6 +22,56 @@ from tqdm import tqdm
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+
+def add_stage_flags(p: argparse.ArgumentParser, worker: str = "model actors") -> None:
+    """The placement flags every shard stage takes (caption, score, features); read them back
+    with `stage_args`."""
+    p.add_argument(
+        "--workers", type=int, default=1, help=f"{worker}, one model copy each (default 1)"
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs Ray reserves per worker (default 1)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="retries of a shard whose worker died or failed (default 2)",
+    )
+    p.add_argument("--shards", default=None, help="comma-separated shard names (default: all)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.add_argument(
+        "--no-ray", action="store_true", help="run in this process, without Ray (debugging)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def stage_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`add_stage_flags`' values as the keyword arguments of the stage functions."""
+    return {
+        "workers": args.workers,
+        "gpus_per_worker": args.gpus_per_worker,
+        "cpus_per_worker": args.cpus_per_worker,
+        "max_retries": args.max_retries,
+        "shards": [s for s in args.shards.split(",") if s] if args.shards else None,
+        "ray_address": args.ray_address,
+        "use_ray": not args.no_ray,
+        "progress": not args.no_progress,
+    }
 
 
 @dataclass

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import fs, images
+from pipeline.cluster import place_workers
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store, StoreError
 from training.buckets import buckets, check_resolution, resize_cover_crop, target_size
@@ -627,10 +628,13 @@ def extract_features(
     dtype: str = "auto",
     threads: int = 0,
     shards: list[str] | None = None,
+    max_retries: int = 2,
+    ray_address: str | None = None,
     use_ray: bool = True,
     progress: bool = True,
 ) -> StageSummary:
     """Write ``features/<tag>/`` for every ingested shard (or ``shards``); done shards are skipped.
+    ``gpus_per_worker=None``: one GPU per actor when the Ray cluster has GPUs, else none.
 
     Start-up checks (bad settings, missing view, captions or models) raise before any work.
     """
@@ -668,10 +672,6 @@ def extract_features(
     tag = check_tag(tag or default_tag(t5, vae, resolution, multi_scale, source))
     stage = f"{KIND}/{tag}"
     # 3. Run.
-    if gpus_per_worker is None:
-        import torch
-
-        gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
     spec = StageSpec(
         stage=stage,
         worker_cls=FeatureWorker,
@@ -680,6 +680,7 @@ def extract_features(
         shards=shards,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
+        gpus_per_worker=place_workers(gpus_per_worker, ray_address, use_ray),
+        max_retries=max_retries,
     )
     return run_stage(store, spec, progress=progress, use_ray=use_ray)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.stage import add_stage_flags, stage_args
 from training.buckets import RESOLUTIONS
 
 EPILOG = """\
@@ -30,16 +31,12 @@ def _run(args: argparse.Namespace) -> int:
         view=args.view,
         captions=args.captions,
         tag=args.tag,
-        workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
         batch_size=args.batch_size,
         text_batch_size=args.text_batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
         threads=args.threads,
-        use_ray=not args.no_ray,
-        progress=not args.no_progress,
+        **stage_args(args),
     )
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1
@@ -76,18 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tag", default=None, help="output tag (default: from models, resolution and captions)"
     )
-    p.add_argument(
-        "--workers", type=int, default=1, help="Ray actors, one model copy each (default 1)"
-    )
-    p.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="GPUs per actor (default: 1 if CUDA is visible, else 0)",
-    )
-    p.add_argument(
-        "--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per actor (default 1)"
-    )
     p.add_argument("--batch-size", type=int, default=16, help="images per VAE batch (default 16)")
     p.add_argument(
         "--text-batch-size", type=int, default=128, help="captions per T5 batch (default 128)"
@@ -107,8 +92,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="image decode threads per worker (default min(8, CPUs))",
     )
-    p.add_argument(
-        "--no-ray", action="store_true", help="run in this process, without Ray (debugging)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stage_flags(p)
     p.set_defaults(func=_run)

@@ -89,3 +89,51 @@ def test_settings_change_is_refused(store):
     other.settings = {"v": 2}
     with pytest.raises(StoreError, match="other settings"):
         run_stage(store, other, progress=False, use_ray=False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["caption", "--store", "s"],
+        ["score", "--store", "s"],
+        ["features", "--store", "s", "--resolution", "256"],
+    ],
+    ids=["caption", "score", "features"],
+)
+def test_stage_commands_share_the_placement_flags(argv):
+    """Every shard stage places its workers with the same flags, defaults and meanings."""
+    from pipeline.cli import build_parser
+    from pipeline.stage import stage_args
+
+    parser = build_parser()
+    assert stage_args(parser.parse_args(argv)) == {
+        "workers": 1,
+        "gpus_per_worker": None,  # 1 per worker when the cluster has GPUs (place_workers)
+        "cpus_per_worker": 1.0,
+        "max_retries": 2,
+        "shards": None,
+        "ray_address": None,
+        "use_ray": True,
+        "progress": True,
+    }
+    flags = "--workers 4 --gpus-per-worker 0.5 --cpus-per-worker 8 --max-retries 0"
+    flags += " --shards 000001,000003 --ray-address 10.0.0.1:6379 --no-ray --no-progress"
+    assert stage_args(parser.parse_args(argv + flags.split())) == {
+        "workers": 4,
+        "gpus_per_worker": 0.5,
+        "cpus_per_worker": 8.0,
+        "max_retries": 0,
+        "shards": ["000001", "000003"],
+        "ray_address": "10.0.0.1:6379",
+        "use_ray": False,
+        "progress": False,
+    }
+
+
+def test_place_workers_without_ray_follows_this_machine():
+    import torch
+
+    from pipeline.cluster import place_workers
+
+    assert place_workers(0.25, None, use_ray=False) == 0.25
+    assert place_workers(None, None, use_ray=False) == (1.0 if torch.cuda.is_available() else 0.0)
