@@ -53,14 +53,11 @@ def make_photos(
 ) -> None:
     """``n`` JPEGs from the scikit-image photos: random crops (aspect 0.4-2.5) resized so the long
     side is about ``long_side``, each with a distinct caption in a ``.txt`` sidecar."""
-    import numpy as np
+    from photos import source_images  # bench/photos.py
     from PIL import Image
-    from skimage import data
 
     rng = random.Random(seed)
-    sources = [
-        Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB") for name in SKIMAGE
-    ]
+    sources = source_images(SKIMAGE, test_photos=False)
     folder.mkdir(parents=True, exist_ok=True)
 
     def one(i: int) -> None:

@@ -73,14 +73,10 @@ def check_imports() -> None:
 
 def make_photos(out: Path, n: int, distinct: int = 256) -> None:
     """``n`` JPEG files: ``distinct`` crops/resizes of real photos, then hard links to reach n."""
+    from photos import source_images  # bench/photos.py
     from PIL import Image
-    from skimage import data
 
-    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SKIMAGE]
-    sources += [
-        Image.open(p).convert("RGB")
-        for p in sorted((ROOT / "tests" / "data" / "photos").glob("*.jpg"))
-    ]
+    sources = source_images(SKIMAGE)
     distinct = min(distinct, n)
     for i in range(distinct):
         img = sources[i % len(sources)]

@@ -34,31 +34,13 @@ from pipeline.ingest.folder import folder_samples  # noqa: E402
 from pipeline.ingest.writer import IngestConfig, ingest  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from photos import make_photos  # noqa: E402  (bench/photos.py)
+
 MAX_SIDE = 512
 SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "camera", "retina", "hubble_deep_field",
            "immunohistochemistry", "moon", "coins")  # fmt: skip
 SIZES = (2000, 1600, 1200, 800)
-
-
-def make_photos(out: Path, n: int) -> list[Path]:
-    """``n`` JPEG files (q92) from real photos, long side cycling through SIZES (upscaled if needed)."""
-    from skimage import data
-
-    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SKIMAGE]
-    for p in sorted((ROOT / "tests" / "data" / "photos").glob("*.jpg")):
-        sources.append(Image.open(p).convert("RGB"))
-    files = []
-    for i in range(n):
-        img = sources[i % len(sources)]
-        side = SIZES[(i // len(sources)) % len(SIZES)]
-        scale = side / max(img.size)
-        img = img.resize(
-            (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
-        )
-        path = out / f"{i:04d}.jpg"
-        img.save(path, quality=92)
-        files.append(path)
-    return files
 
 
 def _cpu() -> float:
@@ -115,7 +97,7 @@ def main() -> int:
         work = Path(tmp)
         src = work / "photos"
         src.mkdir()
-        files = make_photos(src, args.n)
+        files = make_photos(src, args.n, SIZES, quality=92, names=SKIMAGE)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} JPEG photos, {mb:.1f} MB, long side {SIZES}; --max-side {MAX_SIDE}")
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

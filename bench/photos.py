@@ -18,20 +18,29 @@ SKIMAGE = (
 )
 
 
-def source_images() -> list[Image.Image]:
-    """The real photos every benchmark draws from, as RGB images."""
+def source_images(names: tuple[str, ...] = SKIMAGE, test_photos: bool = True) -> list[Image.Image]:
+    """The real photos the benchmarks draw from, as RGB images: scikit-image's ``names``, then
+    (``test_photos``) tests/data/photos/*.jpg."""
     from skimage import data
 
-    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in SKIMAGE]
-    sources += [
-        Image.open(p).convert("RGB") for p in sorted((ROOT / "tests/data/photos").glob("*.jpg"))
-    ]
+    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in names]
+    if test_photos:
+        sources += [
+            Image.open(p).convert("RGB") for p in sorted((ROOT / "tests/data/photos").glob("*.jpg"))
+        ]
     return sources
 
 
-def make_photos(out: Path, n: int, sizes: tuple[int, ...] = (1024, 768, 512)) -> None:
-    """``n`` JPEG files (q90) in ``out``, long side cycling through ``sizes``."""
-    sources = source_images()
+def make_photos(
+    out: Path,
+    n: int,
+    sizes: tuple[int, ...] = (1024, 768, 512),
+    quality: int = 90,
+    names: tuple[str, ...] = SKIMAGE,
+) -> list[Path]:
+    """``n`` JPEG files in ``out`` (``NNNN.jpg``), long side cycling through ``sizes``."""
+    sources = source_images(names)
+    files = []
     for i in range(n):
         img = sources[i % len(sources)]
         side = sizes[(i // len(sources)) % len(sizes)]
@@ -39,4 +48,6 @@ def make_photos(out: Path, n: int, sizes: tuple[int, ...] = (1024, 768, 512)) ->
         img = img.resize(
             (round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC
         )
-        img.save(out / f"{i:04d}.jpg", quality=90)
+        files.append(out / f"{i:04d}.jpg")
+        img.save(files[-1], quality=quality)
+    return files

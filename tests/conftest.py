@@ -1,10 +1,13 @@
-"""Shared fixtures: real photos on disk, a per-session tiny-model cache, and one local Ray."""
+"""Shared fixtures: real photos on disk, a per-session tiny-model cache, one local Ray, loopback
+HTTP servers and tar builders."""
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import tarfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,3 +81,30 @@ def make_tar() -> Callable[[Path, list[tuple[str, bytes]]], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def serve_loopback() -> Callable[[type[http.server.BaseHTTPRequestHandler]], str]:
+    """``serve(handler)`` starts a threaded HTTP server on 127.0.0.1 (random port) that runs
+    until the session ends, and returns its base URL."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> str:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield serve
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Loopback requests never go through a proxy (child processes inherit the environment)."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")

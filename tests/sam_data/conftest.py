@@ -161,26 +161,15 @@ def _handler(server: FileServer) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @pytest.fixture(scope="session")
-def _http_server():
+def _http_server(serve_loopback):
     state = FileServer()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    state.base = serve_loopback(_handler(state))
+    return state
 
 
 @pytest.fixture
-def file_server(_http_server, monkeypatch) -> FileServer:
+def file_server(_http_server, no_proxy) -> FileServer:
     """The session's loopback server, emptied for this test; loopback never goes through a proxy."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     _http_server.files.clear()
     _http_server.log.clear()
     return _http_server
