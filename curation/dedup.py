@@ -40,10 +40,11 @@ STAGE = "scores/dedup"
 KINDS = ("exact", "phash", "semantic")  # strongest first
 _PRIORITY = {"exact": 3, "phash": 2, "semantic": 1}
 # Exhaustive search up to this many rows, a faiss inverted file (IVF) above. bench/dedup.py
-# measured (2 vCPUs, random data): semantic — the IVF beats numpy's blockwise search from ~SEM
-# 768-d vectors; phash — faiss's exhaustive popcount search takes 7 CPU-s at 100k hashes and
-# 11 CPU-min at 1M (quadratic), so it stays exact (recall 1) up to 1M.
-EXACT_LIMIT = {"phash": 1_000_000, "semantic": 50_000}
+# (2 vCPUs, random data): semantic, 768-d — exhaustive blockwise 7.4 / 40 / 153 CPU-s at 21k /
+# 51k / 101k vectors against 5.3 / 23 / 63 for the IVF (recall 1.000 each); phash — faiss's
+# exhaustive popcount search 707 CPU-s at 1M hashes (7 at 100k: quadratic) against 251 for the
+# IVF (recall 1.000).
+EXACT_LIMIT = {"phash": 200_000, "semantic": 20_000}
 BLOCK = 2048  # rows per tile of the exact search
 # Inverted-file search: cells probed per query, k-means iterations, training points per cell.
 # bench/dedup.py, recall of planted near copies in random data (the worst case: no clusters):
