@@ -394,6 +394,12 @@ def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
         "embeddings": tag,
         "phash_threshold": cfg.phash_threshold,
         "semantic_threshold": cfg.semantic_threshold if cfg.semantic else None,
+        # the search (a rerun with more probes may find more pairs)
+        "search": {
+            "exact_limit": cfg.exact_limit,
+            "nprobe": cfg.nprobe if cfg.semantic else None,
+            "phash_nprobe": cfg.phash_nprobe,
+        },
         "inputs": _inputs_digest(store, inputs, shards),
     }
     old = store.stage_config(STAGE)

@@ -33,9 +33,13 @@ def aesthetic_by_key(store: Store) -> dict[str, float]:
     return dict(zip(t["key"], t["clip_aesthetic"], strict=True))
 
 
-def test_near_and_exact_copies_are_grouped_and_other_photos_are_not(scored_store, keys_by_name):
-    summary = dedup_store(scored_store, DedupConfig(semantic=False))
-    assert summary.methods == {"exact": "sha256", "phash": "exact"}
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exhaustive", "faiss-ivf"])
+def test_near_and_exact_copies_are_grouped_and_other_photos_are_not(
+    scored_store, keys_by_name, exact_limit
+):
+    summary = dedup_store(scored_store, DedupConfig(semantic=False, exact_limit=exact_limit))
+    method = "exact" if exact_limit is None else "faiss-ivf"
+    assert summary.methods == {"exact": "sha256", "phash": method}
     names = keys_by_name(scored_store)
     rows = dedup_rows(scored_store)
     assert set(rows) == set(names.values())
@@ -63,10 +67,15 @@ def test_near_and_exact_copies_are_grouped_and_other_photos_are_not(scored_store
         assert scored_store.status("scores/dedup", shard)["rows"] == out.num_rows
 
 
-def test_semantic_pairs_at_a_high_threshold_link_only_copies(scored_store, keys_by_name):
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exhaustive", "faiss-ivf"])
+def test_semantic_pairs_at_a_high_threshold_link_only_copies(
+    scored_store, keys_by_name, exact_limit
+):
     """With a random CLIP only (near-)identical pixels are reliably close: the byte copy of coffee
-    must be linked and no two different photos may be; lower thresholds are meaningless here."""
-    keys, pairs = find_pairs(scored_store, DedupConfig(semantic_threshold=0.999))
+    must be linked and no two different photos may be; lower thresholds are meaningless here.
+    The IVF path reads the embedding shards three times (train, add, search)."""
+    cfg = DedupConfig(semantic_threshold=0.999, exact_limit=exact_limit)
+    keys, pairs = find_pairs(scored_store, cfg)
     names = {k: n for n, k in keys_by_name(scored_store).items()}
     linked = {
         frozenset((names[keys[i]], names[keys[j]]))
@@ -77,7 +86,8 @@ def test_semantic_pairs_at_a_high_threshold_link_only_copies(scored_store, keys_
     for pair in linked:
         assert len({n.split("_")[0] for n in pair}) == 1, pair  # same source photo
     assert base <= {"coffee", "astronaut"}
-    assert pairs["semantic"].method == "exact" and np.all(pairs["semantic"].score >= 0.999)
+    assert pairs["semantic"].method == ("exact" if exact_limit is None else "faiss-ivf")
+    assert np.all(pairs["semantic"].score >= 0.999)
 
 
 def test_rerun_skips_when_nothing_changed_and_reruns_on_change(scored_store):
