@@ -36,6 +36,9 @@ class CaptionConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     cache: str = "dynamic"  # static: fixed-shape KV cache, compiled forward on GPU
     compile: bool = True  # let transformers compile the forward when the cache is static
+    # Length bucketing: the worker reads this many batches ahead, orders them by prompt length
+    # (text + image tokens) and batches neighbours, so a batch pads to a similar length (1: off).
+    sort_window: int = 8
 
     def __post_init__(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -50,6 +53,8 @@ class CaptionConfig:
             raise ValueError(f"--max-side must be >= 16 pixels, got {self.max_side}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.sort_window < 1:
+            raise ValueError(f"--sort-window must be >= 1 batch, got {self.sort_window}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.cache not in CACHES:
@@ -69,7 +74,7 @@ class CaptionConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that change the captions (recorded with the output; batch size does not)."""
         d = asdict(self)
-        for k in ("batch_size", "device", "dtype", "cache", "compile"):
+        for k in ("batch_size", "device", "dtype", "cache", "compile", "sort_window"):
             d.pop(k)
         return d
 
@@ -185,6 +190,19 @@ class Captioner:
             )
             img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return img
+
+    def prompt_length(self, img: Image.Image, alt_text: str | None) -> int:
+        """Tokens of this sample's prompt: the templated text, plus the image's placeholder
+        tokens where the processor can count them for this size (LLaVA-NeXT's vary with it)."""
+        text = self.chat_prompt(self.config.user_prompt(alt_text))
+        n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is not None:
+            try:
+                n += int(count(image_sizes=[(img.height, img.width)]).num_image_tokens[0])
+            except Exception:  # a processor that cannot say: text length alone
+                pass
+        return n
 
     def prepare(
         self, images: list[Image.Image], alt_texts: list[str | None] | None = None

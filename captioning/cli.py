@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="dynamic",
         help="KV cache; static compiles the forward on GPU",
     )
+    p.add_argument(
+        "--sort-window",
+        type=int,
+        default=8,
+        help="batches read ahead and ordered by prompt length, so a batch pads little (default 8; 1: shard order)",
+    )
     add_stage_flags(p)
     p.set_defaults(func=_run)
 
@@ -83,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         cache=args.cache,
+        sort_window=args.sort_window,
         **stage_args(args),
     )
     print("\n".join(summary.lines()))

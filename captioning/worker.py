@@ -116,10 +116,14 @@ class CaptionWorker:
             meta = self.store.read_meta(shard, ["key", "alt_text"])
             alts = dict(zip(meta["key"].to_pylist(), meta["alt_text"].to_pylist(), strict=True))
         rows: dict[str, dict[str, Any]] = {}
+        real = padded = 0  # prompt tokens, without and with the batch padding
         for batch in self._prefetch(shard, set(keys), alts):
             for key, (reason, prompt) in batch.errors.items():
                 rows[key] = self._row(key, prompt=prompt, error=reason)
             if batch.prepared is not None:
+                mask = batch.prepared.inputs.get("attention_mask")
+                if mask is not None:
+                    real, padded = real + int(mask.sum()), padded + mask.numel()
                 captions = self.captioner.generate(batch.prepared)
                 for key, prompt, cap in zip(
                     batch.keys, batch.prepared.prompts, captions, strict=True
@@ -142,6 +146,8 @@ class CaptionWorker:
                 "errors_by_reason": dict(reasons),
                 "truncated": sum(bool(r["truncated"]) for r in ok),
                 "tokens": sum(r["n_tokens"] for r in ok),
+                "prompt_tokens": real,
+                "prompt_padding": round(1 - real / padded, 4) if padded else 0.0,
                 "checksum": checksum,
                 "output": output,
                 "model": self.model_name,
@@ -171,29 +177,26 @@ class CaptionWorker:
     def _batches(
         self, shard: str, wanted: set[str], alts: dict[str, str | None]
     ) -> Iterator[_Batch]:
-        """Decode the shard's images (a thread pool) and prepare model inputs, batch by batch."""
+        """Decode the shard's images (a thread pool) and prepare model inputs, batch by batch:
+        a window of ``sort_window`` batches at a time, ordered by prompt length."""
+        window = self.config.batch_size * self.config.sort_window
         raw: list[tuple[str, bytes]] = []
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="caption-decode") as pool:
             for key, _ext, data in self.store.iter_images(shard):
                 if key in wanted:
                     raw.append((key, data))
-                if len(raw) == self.config.batch_size:
-                    yield self._decode_and_prepare(pool, raw, alts)
+                if len(raw) == window:
+                    yield from self._window(pool, raw, alts)
                     raw = []
             if raw:
-                yield self._decode_and_prepare(pool, raw, alts)
+                yield from self._window(pool, raw, alts)
 
-    def _decode(self, data: bytes) -> Any:
-        """Bytes → an image fitted for the processor, or the `ImageError` that says why not."""
-        try:
-            img, _info = images.decode(data, max_side=self.config.max_side)
-        except images.ImageError as e:
-            return e
-        return self.captioner.fit(img)
-
-    def _decode_and_prepare(
+    def _window(
         self, pool: ThreadPoolExecutor, raw: list[tuple[str, bytes]], alts: dict[str, str | None]
-    ) -> _Batch:
+    ) -> Iterator[_Batch]:
+        """Decode ``raw``; undecodable images become errors (reported with the first batch); the
+        rest, sorted by prompt length when the window holds several batches, are prepared batch
+        by batch (rows are written in shard order whatever the batch order)."""
         items: list[tuple[str, Any, str | None]] = []
         errors: dict[str, tuple[str, str | None]] = {}
         for (key, _data), img in zip(
@@ -204,7 +207,21 @@ class CaptionWorker:
                 errors[key] = (str(img), self.config.user_prompt(alt))
             else:
                 items.append((key, img, alt))
-        return self._prepare(items, errors)
+        size = self.config.batch_size
+        if len(items) > size:
+            lengths = [self.captioner.prompt_length(img, alt) for _k, img, alt in items]
+            items = [items[i] for i in sorted(range(len(items)), key=lengths.__getitem__)]
+        yield self._prepare(items[:size], errors)
+        for a in range(size, len(items), size):
+            yield self._prepare(items[a : a + size], {})
+
+    def _decode(self, data: bytes) -> Any:
+        """Bytes → an image fitted for the processor, or the `ImageError` that says why not."""
+        try:
+            img, _info = images.decode(data, max_side=self.config.max_side)
+        except images.ImageError as e:
+            return e
+        return self.captioner.fit(img)
 
     def _prepare(self, items: list[tuple[str, Any, str | None]], errors: dict) -> _Batch:
         if not items:
