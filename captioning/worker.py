@@ -178,16 +178,18 @@ class CaptionWorker:
         self, shard: str, wanted: set[str], alts: dict[str, str | None]
     ) -> Iterator[_Batch]:
         """Decode the shard's images (a thread pool) and prepare model inputs, batch by batch:
-        a window of ``sort_window`` batches at a time, ordered by prompt length."""
-        window = self.config.batch_size * self.config.sort_window
+        a window of ``sort_window`` batches at a time, ordered by prompt length. The first
+        window is one batch, so the model starts as soon as that batch is decoded; later windows
+        are decoded while the model works through the batches queued before them."""
+        window, limit = self.config.batch_size * self.config.sort_window, self.config.batch_size
         raw: list[tuple[str, bytes]] = []
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="caption-decode") as pool:
             for key, _ext, data in self.store.iter_images(shard):
                 if key in wanted:
                     raw.append((key, data))
-                if len(raw) == window:
+                if len(raw) == limit:
                     yield from self._window(pool, raw, alts)
-                    raw = []
+                    raw, limit = [], window
             if raw:
                 yield from self._window(pool, raw, alts)
 

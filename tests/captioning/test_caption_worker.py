@@ -133,24 +133,24 @@ def test_length_bucketing_cuts_padding_and_keeps_shard_order(store_factory, tiny
     words = {"astronaut": 2, "camera": 60, "chelsea": 5, "coffee": 40, "immunohistochemistry": 10}
     words["rocket"] = 80
     alts = {stem: " ".join(["word"] * n) for stem, n in words.items()}
-    store = store_factory(shard_size=12, copies=2, alts=alts)
+    store = store_factory(shard_size=24, copies=4, alts=alts)
     shard = store.shards()[0]
     records, tables = {}, {}
-    for window in (1, 4):
+    for window in (1, 8):
         worker = _worker(
             store, tiny_loaded, tag=f"w{window}", prompt_with_alt=True, batch_size=3,
             sort_window=window, max_new_tokens=2,
         )  # fmt: skip
         records[window] = worker(shard)
         tables[window] = pq.read_table(store.url(f"captions/w{window}/{shard}.parquet"))
-    for window in (1, 4):
+    for window in (1, 8):
         assert tables[window]["key"].to_pylist() == store.ok_keys(shard)
-        assert tables[window]["error"].null_count == 12
-    assert tables[1]["prompt"].to_pylist() == tables[4]["prompt"].to_pylist()
-    assert records[1]["prompt_tokens"] == records[4]["prompt_tokens"]  # the same prompts
+        assert tables[window]["error"].null_count == 24
+    assert tables[1]["prompt"].to_pylist() == tables[8]["prompt"].to_pylist()
+    assert records[1]["prompt_tokens"] == records[8]["prompt_tokens"]  # the same prompts
     # shard order mixes long and short alt-texts in a batch; sorted neighbours are alike
-    assert records[1]["prompt_padding"] > 0.2
-    assert records[4]["prompt_padding"] < records[1]["prompt_padding"] / 2
+    assert records[1]["prompt_padding"] > 0.1  # measured 0.157; sorted 0.042
+    assert records[8]["prompt_padding"] < records[1]["prompt_padding"] / 2
 
 
 def test_sort_window_must_be_positive():
