@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
+        "--sort-window", type=int, default=8, help="the stage's length-sorting window (batches)"
+    )
+    ap.add_argument(
         "--threads", type=int, default=1,
         help="torch threads on both sides (default 1: what a Ray actor with 1 CPU gets)",
     )  # fmt: skip
@@ -106,7 +109,10 @@ def main() -> None:
         model_dir = work / "model"
         save_llava(ARCHS["bench-cpu"], str(model_dir))
         cfg = CaptionConfig(
-            max_new_tokens=args.tokens, min_new_tokens=args.tokens, batch_size=args.batch_size
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            batch_size=args.batch_size,
+            sort_window=args.sort_window,
         )
         captioner = Captioner.load(str(model_dir), cfg)
         model = captioner.model
@@ -139,6 +145,7 @@ def main() -> None:
             "shards": len(shards),
             "batch_size": args.batch_size,
             "new_tokens": args.tokens,
+            "sort_window": args.sort_window,
             "bare_img_s": [round(x, 2) for x in bare],
             "stage_img_s": [round(x, 2) for x in stage],
             "ratio_best": round(max(stage) / max(bare), 3),
