@@ -152,7 +152,8 @@ def learned_variance(pipe: Any) -> Iterator[bool]:
     context, for a ``DDPMScheduler`` and a learned-sigma transformer, a forward hook keeps the
     other half (of the text-conditioned branch under guidance, as PixArt's IDDPM does) and the
     scheduler — switched to ``variance_type="learned_range"`` — gets it back with the noise at
-    each step. Yields whether it applies; the hook is removed on exit.
+    each step. Yields whether it applies; on exit the hook is removed and the pipeline's own
+    scheduler is back.
     """
     import diffusers
 
@@ -174,6 +175,7 @@ def learned_variance(pipe: Any) -> Iterator[bool]:
     finally:
         handle.remove()
         scheduler.variance = None
+        pipe.scheduler = base  # the pipeline works on its own again
 
 
 @cache
@@ -475,7 +477,12 @@ def generate(
 
     # 3. Denoise (and decode, normal path) batch by batch; IDDPM uses a learned variance.
     images: list[Image.Image] = []
-    with learned_variance(pipe):
+    with learned_variance(pipe) as learned:
+        scheduler = {
+            "class": get_sampler(settings.sampler).scheduler,
+            **dict(pipe.scheduler.config),
+            "learned_variance": learned,
+        }
         for lo in range(0, len(texts), settings.batch):
             hi = min(lo + settings.batch, len(texts))
             kw: dict[str, Any] = {
@@ -513,7 +520,7 @@ def generate(
         prompts=given,
         seeds=seeds,
         size=(width, height),
-        scheduler={"class": get_sampler(settings.sampler).scheduler, **dict(pipe.scheduler.config)},
+        scheduler=scheduler,
         seconds=seconds,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if on_cuda else None,
     )

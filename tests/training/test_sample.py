@@ -225,8 +225,10 @@ def test_iddpm_samples_with_the_learned_variance(exports, monkeypatch):
         with torch.no_grad():
             proj.bias[torch.arange(proj.out_features) % 8 >= 4] = v
         gen = generate(model, PROMPTS[:1], SampleSettings(sampler="iddpm", steps=steps, seed=seed))
-        assert gen.scheduler["class"] == "DDPMScheduler"
+        assert gen.scheduler["class"] == "DDPMScheduler" and gen.scheduler["learned_variance"]
+        assert gen.scheduler["variance_type"] == "learned_range"
         assert not transformer._forward_hooks  # the hook is gone after the run
+        assert type(model.pipe.scheduler) is DDPMScheduler  # and the pipeline's own scheduler back
         return decoded[-1] * vae.config.scaling_factor
 
     def reference(variance_type: str, v: float | None) -> torch.Tensor:
@@ -246,6 +248,30 @@ def test_iddpm_samples_with_the_learned_variance(exports, monkeypatch):
     torch.testing.assert_close(low, reference("fixed_small", None), rtol=1e-4, atol=1e-3)
     # beta_t vs the posterior variance: the noise added at the last noisy step differs by ~0.7 std
     assert (high - low).abs().mean() > 0.3
+
+
+def test_learned_variance_takes_the_text_branch_under_guidance():
+    """The pipeline batches [uncond, text]; the variance used is the text branch's (PixArt)."""
+    from diffusers import DDPMScheduler
+
+    import training.sample as sample_mod
+    from training.diffusion import inference_scheduler
+
+    config = sample_mod.make_scheduler("iddpm", dict(inference_scheduler().config)).config
+    ours = sample_mod._learned_range_ddpm().from_config(config, variance_type="learned_range")
+    ref = DDPMScheduler.from_config(config, variance_type="learned_range")
+    for s in (ours, ref):
+        s.set_timesteps(4)
+    t = ours.timesteps[1]
+    x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    ours.variance = torch.cat([torch.full_like(x, -1.0), torch.full_like(x, 1.0)])  # [uncond, text]
+    got = ours.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    text = ref.step(torch.cat([eps, torch.full_like(x, 1.0)], 1), t, x,
+                    generator=torch.Generator().manual_seed(0)).prev_sample  # fmt: skip
+    uncond = ref.step(torch.cat([eps, torch.full_like(x, -1.0)], 1), t, x,
+                      generator=torch.Generator().manual_seed(0)).prev_sample  # fmt: skip
+    torch.testing.assert_close(got, text)
+    assert (got - uncond).abs().mean() > 0.01
 
 
 # ---- errors -------------------------------------------------------------------------------------
