@@ -33,6 +33,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def place_workers(gpus_per_worker: float | None, address: str | None, use_ray: bool) -> float:
     """GPUs per stage worker: as given, else 1 when the cluster (or, without Ray, this machine)
     has a GPU, else 0. With Ray it connects first (``address``, else RAY_ADDRESS, else local)."""
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
     if use_ray:
         init_ray(address)
     if gpus_per_worker is not None:

@@ -67,7 +67,7 @@ def stage_args(args: argparse.Namespace) -> dict[str, Any]:
         "gpus_per_worker": args.gpus_per_worker,
         "cpus_per_worker": args.cpus_per_worker,
         "max_retries": args.max_retries,
-        "shards": [s for s in args.shards.split(",") if s] if args.shards else None,
+        "shards": _shard_list(args.shards),
         "ray_address": args.ray_address,
         "use_ray": not args.no_ray,
         "progress": not args.no_progress,
@@ -211,7 +211,7 @@ def _run_ray(
     def spawn():
         return Actor.remote(spec.worker_cls, spec.worker_kwargs)
 
-    n = min(spec.workers, len(todo))
+    n = min(fitting_workers(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker), len(todo))
     actors = [spawn() for _ in range(n)]
     idle = deque(range(n))
     pending = deque(todo)
@@ -249,6 +249,44 @@ def _run_ray(
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
+
+
+def _shard_list(text: str | None) -> list[str] | None:
+    """``--shards 000001,000007`` → each name once, in order; None without the flag."""
+    if text is None:
+        return None
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not names:
+        raise ValueError(f"--shards {text!r}: no shard names (e.g. --shards 000001,000007)")
+    return names
+
+
+def fitting_workers(wanted: int, cpus: float, gpus: float) -> int:
+    """How many of ``wanted`` workers the Ray cluster holds at once. An actor the cluster cannot
+    place waits forever, and so would the shards handed to it: ask for more than fit and the
+    stage runs fewer (with a warning); if not even one fits, that is an error. On an autoscaling
+    cluster, start the nodes first."""
+    import ray
+
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    fit = wanted
+    if gpus > 0:
+        fit = min(fit, int(have_gpus // gpus + 1e-9))
+    if cpus > 0:
+        fit = min(fit, int(have_cpus // cpus + 1e-9))
+    if fit < 1:
+        raise ValueError(
+            f"the Ray cluster has {have_cpus:g} CPU(s) and {have_gpus:g} GPU(s): not enough for one "
+            f"worker with --cpus-per-worker {cpus:g} --gpus-per-worker {gpus:g}"
+        )
+    if fit < wanted:
+        log.warning(
+            "--workers %d: the Ray cluster (%g CPUs, %g GPUs) holds %d worker(s) of %g CPU(s) and "
+            "%g GPU(s) at once; running %d",
+            wanted, have_cpus, have_gpus, fit, cpus, gpus, fit,
+        )  # fmt: skip
+    return fit
 
 
 def _one_line(e: BaseException) -> str:

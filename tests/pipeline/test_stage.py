@@ -117,7 +117,7 @@ def test_stage_commands_share_the_placement_flags(argv):
         "progress": True,
     }
     flags = "--workers 4 --gpus-per-worker 0.5 --cpus-per-worker 8 --max-retries 0"
-    flags += " --shards 000001,000003 --ray-address 10.0.0.1:6379 --no-ray --no-progress"
+    flags += " --shards 000001,000003,000001 --ray-address 10.0.0.1:6379 --no-ray --no-progress"
     assert stage_args(parser.parse_args(argv + flags.split())) == {
         "workers": 4,
         "gpus_per_worker": 0.5,
@@ -128,6 +128,8 @@ def test_stage_commands_share_the_placement_flags(argv):
         "use_ray": False,
         "progress": False,
     }
+    with pytest.raises(ValueError, match="--shards ',': no shard names"):
+        stage_args(parser.parse_args(argv + ["--shards", ","]))
 
 
 def test_place_workers_without_ray_follows_this_machine():
@@ -137,3 +139,29 @@ def test_place_workers_without_ray_follows_this_machine():
 
     assert place_workers(0.25, None, use_ray=False) == 0.25
     assert place_workers(None, None, use_ray=False) == (1.0 if torch.cuda.is_available() else 0.0)
+    with pytest.raises(ValueError, match="--gpus-per-worker must be >= 0"):
+        place_workers(-1, None, use_ray=True)  # before any Ray starts
+
+
+def test_workers_beyond_the_cluster_are_not_started(ray_local, caplog):
+    """Actors the cluster cannot place would wait forever, with the shards handed to them."""
+    from pipeline.stage import fitting_workers
+
+    # the session's local Ray: 2 CPUs, no GPU
+    assert fitting_workers(1, 1.0, 0.0) == 1
+    with caplog.at_level("WARNING", logger="pipeline.stage"):
+        assert fitting_workers(8, 1.0, 0.0) == 2
+    assert "holds 2 worker(s)" in caplog.text
+    assert fitting_workers(8, 0.5, 0.0) == 4
+    with pytest.raises(ValueError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
+        fitting_workers(1, 1.0, 1.0)
+
+
+def test_ray_stage_with_more_workers_than_cpus_finishes(store, ray_local):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sp = spec(store)
+    sp.workers, sp.cpus_per_worker = 3, 2.0  # one fits the 2-CPU cluster
+    s = run_stage(store, sp, progress=False)
+    assert sorted(s.done) == ["000000", "000001", "000002"] and s.ok
