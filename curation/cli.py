@@ -32,8 +32,8 @@ Writes: STORE/scores/dedup/NNNNNN.parquet  key, dup_of, dup_kind (exact|phash|se
         an input shard or a setting changed, does nothing otherwise. Filter with 'dup_of is null'.
 Thresholds: phash distance 8 of 64 bits (resized/re-compressed copies measure 0, crops of 2-3 %
         per side 4-8, distinct photos >= 24); cosine 0.95 for ViT-L/14-class embeddings.
-Search: a range search (every neighbour within the threshold). Exhaustive below 20k embeddings /
-        200k hashes; above, a faiss inverted file (k-means cells, 4*sqrt(n) of them) probing
+Search: a range search (neighbours within the threshold, the 64 strongest per image; identical
+        hashes and byte copies searched once). Exhaustive below 20k embeddings / 200k hashes; above, a faiss inverted file (k-means cells, 4*sqrt(n) of them) probing
         --nprobe (semantic, default 16) / --phash-nprobe (default 256) cells per query: more
         probes, higher recall, proportionally slower.
 Example: alphaset dedup --store ./store --phash-threshold 8 --semantic-threshold 0.95"""

@@ -9,8 +9,9 @@ computed with scipy's sparse ``connected_components``). Each group keeps one ima
 the kept key, ``dup_kind`` = its strongest link (exact > phash > semantic) and ``dup_score`` = that
 link's similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic).
 
-Neighbour search is a range search — every neighbour within the threshold, however large the
-group — exhaustive up to ``EXACT_LIMIT`` rows (measured by bench/dedup.py) and through a faiss
+Neighbour search is a range search — the neighbours within the threshold, the ``MAX_LINKS``
+strongest per image, identical hashes and byte copies searched once, so a group of m copies costs
+O(m) links, not m²/2 — exhaustive up to ``EXACT_LIMIT`` rows (measured by bench/dedup.py) and through a faiss
 inverted file (k-means cells, ``nprobe`` probed per query) above, fed shard by shard so memory is
 the index, not a copy of every embedding. Dedup is global: when any input changed (checksums of the ingest,
 score and embedding shards, recorded in the stage settings) it reruns completely; when nothing
@@ -24,7 +25,8 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,9 @@ NPROBE = 16
 NPROBE_PHASH = 256
 KMEANS_ITERS = 10
 TRAIN_PER_CELL = 64
+# Links kept per image, its strongest: a group of m near-copies (placeholder images, memes) would
+# otherwise give m²/2 pairs; 64 links per member still join the group.
+MAX_LINKS = 64
 
 
 @dataclass
@@ -129,15 +134,33 @@ def hamming_pairs(
 ) -> Pairs:
     """Pairs of 64-bit hashes (uint64) within ``threshold`` bits; score = 1 − distance/64.
 
-    A faiss range search (every hash within the threshold, no k cap): exhaustive
-    (``IndexBinaryFlat``) up to ``exact_limit`` rows, above it an inverted file of binary k-means
-    cells (``IndexBinaryIVF``, ``nlist`` default 4·√n) probing ``nprobe`` cells per query.
-    ``stats`` as in `cosine_pairs`.
+    Identical hashes are searched once: the first row of each links the others (score 1), and
+    the search links those first rows. The search is a faiss range search (each hash's
+    neighbours within the threshold, the MAX_LINKS closest kept): exhaustive
+    (``IndexBinaryFlat``) up to ``exact_limit`` distinct hashes, above it an inverted file of
+    binary k-means cells (``IndexBinaryIVF``, ``nlist`` default 4·√n) probing ``nprobe`` cells
+    per query. ``stats`` as in `cosine_pairs`.
     """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    with _faiss_threads(threads):
+        p = _hamming_search(uniq, threshold, exact_limit, nprobe, nlist, stats)
+    rows = np.arange(len(hashes), dtype=np.int64)
+    copy = rows != first[inverse]  # a later row with the hash of an earlier one
+    star = (first[inverse][copy], rows[copy], np.ones(int(copy.sum()), np.float32))
+    return Pairs.concat([(first[p.i], first[p.j], p.score), star], p.method)
+
+
+def _hamming_search(
+    hashes: np.ndarray,
+    threshold: int,
+    exact_limit: int | None,
+    nprobe: int,
+    nlist: int | None,
+    stats: dict[str, float] | None,
+) -> Pairs:
     import faiss
 
-    if threads:
-        faiss.omp_set_num_threads(threads)
     n = len(hashes)
     limit = EXACT_LIMIT["phash"] if exact_limit is None else exact_limit
     packed = np.ascontiguousarray(hashes.astype(np.uint64)).view(np.uint8).reshape(n, 8)
@@ -159,11 +182,38 @@ def hamming_pairs(
         rows = (
             np.repeat(np.arange(len(lims) - 1, dtype=np.int64), np.diff(lims).astype(np.int64)) + a
         )
-        parts.append((rows, keys.astype(np.int64), 1.0 - dist / 64.0))
+        parts.append(strongest(rows, keys.astype(np.int64), 1.0 - dist / 64.0))
     if stats is not None:
         stats.update(train_s=t1 - t0, add_s=t2 - t1, search_s=time.perf_counter() - t2)
         stats.update(index_bytes=float(n * (8 + (8 if method != "exact" else 0))))
     return Pairs.concat(parts, method)
+
+
+def strongest(
+    i: np.ndarray, j: np.ndarray, score: np.ndarray, k: int = MAX_LINKS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges (i, j, score) with at most ``k`` per ``i``, its highest scores (ties: smaller j)."""
+    if len(i) <= k or np.bincount(i).max() <= k:
+        return i, j, score
+    order = np.lexsort((j, -score, i))
+    i, j, score = i[order], j[order], score[order]
+    rank = np.arange(len(i)) - np.searchsorted(i, i, side="left")
+    keep = rank < k
+    return i[keep], j[keep], score[keep]
+
+
+@contextmanager
+def _faiss_threads(threads: int) -> Iterator[None]:
+    """faiss's (process-wide) OpenMP threads set to ``threads`` for a block; 0 leaves them."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _nlist(n: int, nlist: int | None) -> int:
@@ -187,8 +237,9 @@ def cosine_pairs(
     sample, index, query), so the approximate path never holds more than the index and one chunk.
     Above ``exact_limit`` rows the index is a faiss inverted file (``IndexIVFScalarQuantizer``,
     fp16 vectors, inner product): k-means cells (``nlist``, default 4·√n) trained on a strided
-    sample, then a *range* search — every neighbour above the threshold, no k cap — probing the
-    ``nprobe`` nearest cells of each query. ``stats``, when given, receives the index size and
+    sample, then a *range* search — the neighbours above the threshold (the MAX_LINKS strongest
+    of each row kept, as on the exhaustive path) — probing the ``nprobe`` nearest cells of each
+    query. ``stats``, when given, receives the index size and
     the train/add/search seconds.
     """
     limit = EXACT_LIMIT["semantic"] if exact_limit is None else exact_limit
@@ -202,12 +253,23 @@ def cosine_pairs(
             for c in range(a, n, BLOCK):
                 sims = x @ emb[c : c + BLOCK].T  # (B, B)
                 ii, jj = np.nonzero(sims >= threshold)
-                parts.append((ii + a, jj + c, sims[ii, jj]))
+                parts.append(strongest(ii + a, jj + c, sims[ii, jj]))
         return Pairs.concat(parts, "exact")
+    with _faiss_threads(threads):
+        return _ivf_cosine(chunks, n, threshold, nprobe, nlist, stats)
+
+
+def _ivf_cosine(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    threshold: float,
+    nprobe: int,
+    nlist: int | None,
+    stats: dict[str, float] | None,
+) -> Pairs:
     import faiss
 
-    if threads:
-        faiss.omp_set_num_threads(threads)
+    parts = []
     nlist = _nlist(n, nlist)
     stride = max(1, n // (TRAIN_PER_CELL * nlist))
     t0 = time.perf_counter()
@@ -239,7 +301,7 @@ def cosine_pairs(
         lims, sims, keys = index.range_search(np.ascontiguousarray(c, dtype=np.float32), radius)
         rows = np.repeat(np.arange(len(c), dtype=np.int64), np.diff(lims).astype(np.int64)) + offset
         ok = sims >= threshold
-        parts.append((rows[ok], keys[ok].astype(np.int64), np.minimum(sims[ok], 1.0)))
+        parts.append(strongest(rows[ok], keys[ok].astype(np.int64), np.minimum(sims[ok], 1.0)))
     if stats is not None:
         stats.update(
             index_bytes=float(index.ntotal * (index.code_size + 8) + nlist * dim * 4),
@@ -521,9 +583,16 @@ def _load_rows(store: Store, tag: str, shards: list[str]) -> dict[str, Any]:
 def _semantic(
     store: Store, tag: str, shards: list[str], rows: dict[str, Any], cfg: DedupConfig
 ) -> Pairs:
-    """Cosine pairs over the rows that have an embedding, read shard by shard."""
+    """Cosine pairs over the rows that have an embedding, read shard by shard. Of rows with the
+    same sha256 only the first is searched: the exact pairs already link the others to it."""
     pos = {k: r for r, k in enumerate(rows["key"])}
-    index_of: list[np.ndarray] = []  # per shard: row indices of its embedded keys
+    seen: set[str] = set()
+    first = np.ones(len(rows["key"]), dtype=bool)
+    for r, digest in enumerate(rows["sha256"]):
+        if digest is not None:
+            first[r] = digest not in seen
+            seen.add(digest)
+    index_of: list[np.ndarray] = []  # per shard: row indices of its searched keys
 
     def chunks() -> Iterable[np.ndarray]:
         fill = not index_of
@@ -533,19 +602,20 @@ def _semantic(
             t = t.filter(t["embedding"].is_valid())
             col = t["embedding"].combine_chunks()
             vec = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+            try:
+                idx = np.array([pos[k] for k in t["key"].to_pylist()], dtype=np.int64)
+            except KeyError as e:
+                raise StoreError(
+                    f"{url} has key {e} that meta does not list as ok; re-run score"
+                ) from None
+            keep = first[idx]
             if fill:
-                try:
-                    index_of.append(
-                        np.array([pos[k] for k in t["key"].to_pylist()], dtype=np.int64)
-                    )
-                except KeyError as e:
-                    raise StoreError(
-                        f"{url} has key {e} that meta does not list as ok; re-run score"
-                    ) from None
-            if len(vec):
-                yield vec.astype(np.float32)
+                index_of.append(idx[keep])
+            if keep.any():
+                yield vec[keep].astype(np.float32)
 
     n = sum(store.completed(f"embeddings/{tag}")[s].get("ok", 0) for s in shards)
+    n -= int((~first).sum())  # byte copies are not searched
     p = cosine_pairs(
         chunks, n, cfg.semantic_threshold, cfg.exact_limit, cfg.nprobe, threads=cfg.threads
     )

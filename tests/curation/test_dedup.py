@@ -71,9 +71,10 @@ def test_near_and_exact_copies_are_grouped_and_other_photos_are_not(
 def test_semantic_pairs_at_a_high_threshold_link_only_copies(
     scored_store, keys_by_name, exact_limit
 ):
-    """With a random CLIP only (near-)identical pixels are reliably close: the byte copy of coffee
-    must be linked and no two different photos may be; lower thresholds are meaningless here.
-    The IVF path reads the embedding shards three times (train, add, search)."""
+    """With a random CLIP only (near-)identical pixels are reliably close: the resized,
+    re-compressed and cropped astronauts must be linked and no two different photos may be;
+    lower thresholds are meaningless here. The byte copy of coffee is not searched (its exact
+    pair links it). The IVF path reads the embedding shards three times (train, add, search)."""
     cfg = DedupConfig(semantic_threshold=0.999, exact_limit=exact_limit)
     keys, pairs = find_pairs(scored_store, cfg)
     names = {k: n for n, k in keys_by_name(scored_store).items()}
@@ -81,11 +82,12 @@ def test_semantic_pairs_at_a_high_threshold_link_only_copies(
         frozenset((names[keys[i]], names[keys[j]]))
         for i, j in zip(pairs["semantic"].i.tolist(), pairs["semantic"].j.tolist(), strict=True)
     }
-    assert frozenset(("coffee", EXACT_COPY)) in linked
+    assert frozenset(("astronaut", "astronaut_q30")) in linked
+    assert not any(EXACT_COPY in pair for pair in linked)
     base = {n.split("_")[0] for pair in linked for n in pair}
     for pair in linked:
         assert len({n.split("_")[0] for n in pair}) == 1, pair  # same source photo
-    assert base <= {"coffee", "astronaut"}
+    assert base == {"astronaut"}
     assert pairs["semantic"].method == ("exact" if exact_limit is None else "faiss-ivf")
     assert np.all(pairs["semantic"].score >= 0.999)
 
@@ -199,3 +201,32 @@ def test_bad_thresholds_are_rejected():
         DedupConfig(semantic_threshold=1.5)
     with pytest.raises(ValueError, match="--phash-threshold must be in 0..32"):
         DedupConfig(phash_threshold=-1)
+
+
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exhaustive", "faiss-ivf"])
+def test_big_groups_stay_linear_and_whole(exact_limit):
+    """A placeholder image seen m times gives m - 1 links, not m²/2, and a swarm of near copies
+    keeps at most MAX_LINKS links per image — still one group."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from curation.dedup import MAX_LINKS, strongest
+
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**63, size=4000, dtype=np.uint64)
+    same = np.full(600, base[0])  # identical hashes: one search, a star of 599 links
+    flips = np.uint64(1) << rng.integers(0, 64, 600).astype(np.uint64)
+    near = base[1] ^ flips  # 600 hashes 1 bit from base[1]: 2 bits from one another at most
+    h = np.concatenate([base, same, near])
+    p = hamming_pairs(h, 4, exact_limit=exact_limit)
+    assert len(p) <= 600 + 601 * MAX_LINKS
+    n = len(h)
+    graph = coo_matrix((np.ones(len(p)), (p.i, p.j)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    assert len(set(label[[0, *range(4000, 4600)]])) == 1
+    assert len(set(label[[1, *range(4600, 5200)]])) == 1
+    assert label[0] != label[1]
+    i, j, s = strongest(
+        np.array([0, 0, 0, 1]), np.array([3, 1, 2, 0]), np.array([0.5, 0.9, 0.9, 1]), 2
+    )
+    assert list(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 0)]
