@@ -39,8 +39,7 @@ from captioning.captioner import CaptionConfig, Captioner  # noqa: E402
 from captioning.models import ARCHS, save_llava  # noqa: E402
 from captioning.worker import CaptionWorker  # noqa: E402
 from pipeline import images  # noqa: E402
-from pipeline.ingest.folder import folder_samples  # noqa: E402
-from pipeline.ingest.writer import IngestConfig, ingest  # noqa: E402
+from pipeline.ingest.folder import ingest_folder  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 
@@ -99,13 +98,7 @@ def main() -> None:
         (work / "photos").mkdir()
         make_photos(work / "photos", args.n)
         store = Store(str(work / "store"))
-        ingest(
-            store,
-            folder_samples(str(work / "photos")),
-            "folder",
-            IngestConfig(shard_size=args.shard_size),
-            progress=False,
-        )
+        ingest_folder(store, str(work / "photos"), progress=False, shard_size=args.shard_size)
         model_dir = work / "model"
         save_llava(ARCHS["bench-cpu"], str(model_dir))
         cfg = CaptionConfig(

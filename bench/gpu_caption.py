@@ -45,8 +45,7 @@ from captioning.models import arch as get_arch  # noqa: E402
 from captioning.models import build_llava  # noqa: E402
 from captioning.worker import CaptionWorker  # noqa: E402
 from pipeline import images  # noqa: E402
-from pipeline.ingest.folder import folder_samples  # noqa: E402
-from pipeline.ingest.writer import IngestConfig, ingest  # noqa: E402
+from pipeline.ingest.folder import ingest_folder  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 SIZES = (1024, 768, 512)
@@ -82,13 +81,7 @@ def make_store(work: Path, n: int, shard_size: int) -> Store:
             src / f"{i:05d}.jpg", quality=90
         )
     store = Store(str(work / "store"))
-    ingest(
-        store,
-        folder_samples(str(src)),
-        "folder",
-        IngestConfig(shard_size=shard_size),
-        progress=False,
-    )
+    ingest_folder(store, str(src), progress=False, shard_size=shard_size)
     return store
 
 

@@ -37,8 +37,7 @@ from photos import make_photos  # noqa: E402  (bench/photos.py)
 
 from curation.aesthetic import save_random_head  # noqa: E402
 from curation.score import ScoreWorker  # noqa: E402
-from pipeline.ingest.folder import folder_samples  # noqa: E402
-from pipeline.ingest.writer import IngestConfig, ingest  # noqa: E402
+from pipeline.ingest.folder import ingest_folder  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 
@@ -95,13 +94,7 @@ def main() -> int:
         (tmp / "photos").mkdir()
         make_photos(tmp / "photos", args.n)
         store = Store(str(tmp / "store"))
-        ingest(
-            store,
-            folder_samples(str(tmp / "photos")),
-            "folder",
-            IngestConfig(shard_size=args.shard_size),
-            progress=False,
-        )
+        ingest_folder(store, str(tmp / "photos"), progress=False, shard_size=args.shard_size)
         shards = store.shards()
         folder = tmp / "clip"
         dim = save_open_clip_folder(args.model, folder)

@@ -29,8 +29,7 @@ def build_store(root: Path) -> str:
     from PIL import Image, ImageOps
     from skimage import data
 
-    from pipeline.ingest.folder import folder_samples
-    from pipeline.ingest.writer import IngestConfig, ingest
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.store import Store
     from training.features import extract_features
 
@@ -48,13 +47,7 @@ def build_store(root: Path) -> str:
             crop.save(photos / f"{name}-{i}.jpg", quality=90)
             n += 1
     store = Store(str(root / "store"))
-    ingest(
-        store,
-        folder_samples(str(root / "photos"), label_from_dir=True),
-        "folder",
-        IngestConfig(shard_size=8),
-        progress=False,
-    )
+    ingest_folder(store, str(root / "photos"), label_from_dir=True, progress=False, shard_size=8)
     extract_features(
         store,
         256,

@@ -56,8 +56,7 @@ def _step(title: str) -> float:
 
 def run_demo(out: str, config: str | None = None) -> int:
     """Every stage, in order, on ~12 photos with tiny models. Re-running resumes: done work is skipped."""
-    from pipeline.ingest.folder import folder_samples
-    from pipeline.ingest.writer import IngestConfig, ingest
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.store import Store
 
     started = time.perf_counter()
@@ -69,12 +68,8 @@ def run_demo(out: str, config: str | None = None) -> int:
     print(f"{write_demo_photos(photos)} files, one of them a truncated JPEG")
 
     t = _step("2. ingest folder (--label-from-dir, --max-side 512)")
-    s = ingest(
-        store,
-        folder_samples(str(photos), label_from_dir=True),
-        "folder",
-        IngestConfig(shard_size=4, max_side=512),
-        progress=False,
+    s = ingest_folder(
+        store, str(photos), label_from_dir=True, progress=False, shard_size=4, max_side=512
     )
     _done(s.lines(), t)
 

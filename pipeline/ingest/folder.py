@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from pipeline.images import IMAGE_SUFFIXES
-from pipeline.ingest.writer import RawSample, make_key
+from pipeline.ingest.writer import IngestConfig, IngestSummary, RawSample, ingest, make_key
+from pipeline.store import Store
 
 
 class SourceError(Exception):
@@ -46,6 +48,26 @@ def folder_samples(src: str, label_from_dir: bool = False) -> Iterator[RawSample
     if not os.path.isdir(src):
         raise SourceError(f"not a folder: {src} (for a tar use 'alphaset ingest wds')")
     return _walk(os.path.abspath(src), label_from_dir)
+
+
+def ingest_folder(
+    store: Store | str,
+    src: str,
+    label_from_dir: bool = False,
+    progress: bool = True,
+    **config: Any,
+) -> IngestSummary:
+    """`alphaset ingest folder` as a call: the images under ``src`` into ``store``; ``config``
+    are `IngestConfig` fields (``shard_size``, ``max_side``, ``workers`` …)."""
+    src = str(src)
+    return ingest(
+        store if isinstance(store, Store) else Store(store),
+        folder_samples(src, label_from_dir=label_from_dir),
+        "folder",
+        IngestConfig(**config),
+        settings={"src": src, "label_from_dir": label_from_dir},
+        progress=progress,
+    )
 
 
 def _walk(root: str, label_from_dir: bool) -> Iterator[RawSample]:

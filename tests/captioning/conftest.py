@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ingest.folder import folder_samples
-from pipeline.ingest.writer import IngestConfig, ingest
+from pipeline.ingest.folder import ingest_folder
 from pipeline.store import Store
 
 
@@ -29,13 +28,7 @@ def make_store(
             if alts and p.stem in alts:
                 (src / f"{p.stem}_{i}.txt").write_text(alts[p.stem])
     store = Store(str(root / "store"))
-    ingest(
-        store,
-        folder_samples(str(src)),
-        "folder",
-        IngestConfig(shard_size=shard_size),
-        progress=False,
-    )
+    ingest_folder(store, str(src), progress=False, shard_size=shard_size)
     return store
 
 

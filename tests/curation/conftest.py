@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.ingest.folder import folder_samples
-from pipeline.ingest.writer import IngestConfig, ingest
+from pipeline.ingest.folder import ingest_folder
 from pipeline.store import Store
 
 
 def _make_store(root: Path, src: Path, shard_size: int = 4) -> Store:
     store = Store(str(root))
-    ingest(
-        store,
-        folder_samples(str(src)),
-        "folder",
-        IngestConfig(shard_size=shard_size),
-        progress=False,
-    )
+    ingest_folder(store, str(src), progress=False, shard_size=shard_size)
     return store
 
 

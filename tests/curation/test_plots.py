@@ -8,8 +8,7 @@ from PIL import Image
 from curation.plots import _wrap, plot_store
 from pipeline import fs
 from pipeline.cli import main
-from pipeline.ingest.folder import folder_samples
-from pipeline.ingest.writer import IngestConfig, ingest
+from pipeline.ingest.folder import ingest_folder
 from pipeline.store import Store
 
 
@@ -23,13 +22,7 @@ def write_stage(store: Store, stage: str, shard: str, rows: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def store(photos_dir, tmp_path_factory):
     st = Store(str(tmp_path_factory.mktemp("plots") / "store"))
-    ingest(
-        st,
-        folder_samples(str(photos_dir)),
-        "folder",
-        IngestConfig(shard_size=3, max_side=160),
-        progress=False,
-    )
+    ingest_folder(st, str(photos_dir), progress=False, shard_size=3, max_side=160)
     return st
 
 

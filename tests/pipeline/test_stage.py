@@ -8,8 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import fs
-from pipeline.ingest.folder import folder_samples
-from pipeline.ingest.writer import IngestConfig, ingest
+from pipeline.ingest.folder import ingest_folder
 from pipeline.stage import StageSpec, run_stage
 from pipeline.store import Store, StoreError
 
@@ -42,9 +41,7 @@ class KeyLengthWorker:
 @pytest.fixture()
 def store(photos_dir, tmp_path):
     st = Store(str(tmp_path / "store"))
-    ingest(
-        st, folder_samples(str(photos_dir)), "folder", IngestConfig(shard_size=2), progress=False
-    )
+    ingest_folder(st, str(photos_dir), progress=False, shard_size=2)
     return st
 
 

@@ -61,17 +61,12 @@ def feature_photos(photos_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def feature_store_template(feature_photos: Path, tmp_path_factory) -> Path:
     """An ingested store (shards of 3) built once; tests copy it."""
-    from pipeline.ingest.folder import folder_samples
-    from pipeline.ingest.writer import IngestConfig, ingest
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.store import Store
 
     root = tmp_path_factory.mktemp("feature-store") / "store"
-    ingest(
-        Store(str(root)),
-        folder_samples(str(feature_photos), label_from_dir=True),
-        "folder",
-        IngestConfig(shard_size=3),
-        progress=False,
+    ingest_folder(
+        Store(str(root)), str(feature_photos), label_from_dir=True, progress=False, shard_size=3
     )
     return root
 

@@ -49,21 +49,14 @@ def train_photos(photos_dir: Path, tmp_path_factory) -> Path:
 def train_store(train_photos: Path, tmp_path_factory) -> str:
     """Ingested store (4 shards of 4) with tiny-model features: TAG (single-scale), TAG_MS
     (multi-scale) and a view VIEW of the cat and rocket images."""
-    from pipeline.ingest.folder import folder_samples
-    from pipeline.ingest.writer import IngestConfig, ingest
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.store import Store
     from pipeline.views import create_view
     from training.features import extract_features
 
     root = str(tmp_path_factory.mktemp("train-store") / "store")
     store = Store(root)
-    ingest(
-        store,
-        folder_samples(str(train_photos), label_from_dir=True),
-        "folder",
-        IngestConfig(shard_size=4),
-        progress=False,
-    )
+    ingest_folder(store, str(train_photos), label_from_dir=True, progress=False, shard_size=4)
     for tag, ms in ((TAG, False), (TAG_MS, True)):
         summary = extract_features(
             store,
