@@ -99,6 +99,16 @@ def _lcm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_flags(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
+    """The training-loop flags every fine-tuning command takes, with its defaults."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     e = sub.add_parser(
@@ -128,12 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--edges", required=True, help="edges/<tag>")
     c.add_argument("--view", default=None)
     c.add_argument("--blocks", type=int, default=13, help="base blocks copied (PixArt-δ: 13)")
-    c.add_argument("--steps", type=int, default=1000)
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--lr", type=float, default=2e-5)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True)
-    c.add_argument("--quiet", action="store_true")
+    _loop_flags(c, steps=1000, batch_size=4, lr=2e-5)
     c.set_defaults(func=_controlnet)
 
     d = fsub.add_parser(
@@ -149,12 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--prior-weight", type=float, default=1.0)
     d.add_argument("--prior-steps", type=int, default=20, help="sampler steps per class image")
     d.add_argument("--lora", type=int, default=None, metavar="RANK", help="train LoRA adapters")
-    d.add_argument("--steps", type=int, default=400)
-    d.add_argument("--batch-size", type=int, default=2)
-    d.add_argument("--lr", type=float, default=5e-6)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True)
-    d.add_argument("--quiet", action="store_true")
+    _loop_flags(d, steps=400, batch_size=2, lr=5e-6)
     d.set_defaults(func=_dreambooth)
 
     ds = sub.add_parser("distill", help="distil a trained model (LCM)")
@@ -170,10 +170,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     lc.add_argument("--view", default=None)
     lc.add_argument("--lora", type=int, default=None, metavar="RANK", help="LCM-LoRA adapters")
     lc.add_argument("--guidance", type=float, default=4.5, help="w folded into the saved model")
-    lc.add_argument("--steps", type=int, default=1000)
-    lc.add_argument("--batch-size", type=int, default=2)
-    lc.add_argument("--lr", type=float, default=2e-5)
-    lc.add_argument("--seed", type=int, default=0)
-    lc.add_argument("--out", required=True)
-    lc.add_argument("--quiet", action="store_true")
+    _loop_flags(lc, steps=1000, batch_size=2, lr=2e-5)
     lc.set_defaults(func=_lcm)
