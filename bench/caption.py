@@ -33,13 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from photos import make_photos  # noqa: E402  (bench/photos.py)
+from photos import photo_store  # noqa: E402  (bench/photos.py)
 
 from captioning.captioner import CaptionConfig, Captioner  # noqa: E402
 from captioning.models import ARCHS, save_llava  # noqa: E402
 from captioning.worker import CaptionWorker  # noqa: E402
 from pipeline import images  # noqa: E402
-from pipeline.ingest.folder import ingest_folder  # noqa: E402
 from pipeline.store import Store  # noqa: E402
 
 
@@ -95,10 +94,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     try:
         # 1. Data: real photos in a store; the model: random weights saved as a folder.
-        (work / "photos").mkdir()
-        make_photos(work / "photos", args.n)
-        store = Store(str(work / "store"))
-        ingest_folder(store, str(work / "photos"), progress=False, shard_size=args.shard_size)
+        store = photo_store(work, args.n, args.shard_size)
         model_dir = work / "model"
         save_llava(ARCHS["bench-cpu"], str(model_dir))
         cfg = CaptionConfig(

@@ -51,3 +51,15 @@ def make_photos(
         files.append(out / f"{i:04d}.jpg")
         img.save(files[-1], quality=quality)
     return files
+
+
+def photo_store(work: Path, n: int, shard_size: int):
+    """``work/photos`` (``make_photos``) ingested into a store at ``work/store``."""
+    from pipeline.ingest.folder import ingest_folder
+    from pipeline.store import Store
+
+    (work / "photos").mkdir()
+    make_photos(work / "photos", n)
+    store = Store(str(work / "store"))
+    ingest_folder(store, str(work / "photos"), progress=False, shard_size=shard_size)
+    return store

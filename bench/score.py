@@ -33,12 +33,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from photos import make_photos  # noqa: E402  (bench/photos.py)
+from photos import photo_store  # noqa: E402  (bench/photos.py)
 
 from curation.aesthetic import save_random_head  # noqa: E402
 from curation.score import ScoreWorker  # noqa: E402
-from pipeline.ingest.folder import ingest_folder  # noqa: E402
-from pipeline.store import Store  # noqa: E402
 
 
 def save_open_clip_folder(model_name: str, folder: Path, seed: int = 0) -> int:
@@ -91,10 +89,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
         # 1. Inputs: real photos in a store; the model as an open_clip folder (+ a random head).
-        (tmp / "photos").mkdir()
-        make_photos(tmp / "photos", args.n)
-        store = Store(str(tmp / "store"))
-        ingest_folder(store, str(tmp / "photos"), progress=False, shard_size=args.shard_size)
+        store = photo_store(tmp, args.n, args.shard_size)
         shards = store.shards()
         folder = tmp / "clip"
         dim = save_open_clip_folder(args.model, folder)
