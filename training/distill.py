@@ -279,11 +279,11 @@ def write_checkpoint(
     base checkpoint) for adapter files with ``lora_base``."""
     from safetensors.torch import save_file
 
+    from training.export import check_new_output
     from training.lora import LORA_FILE, LORA_MODEL_FILE, lora_state_dict, save_lora
     from training.train import EMA_FILE, MODEL_FILE, STATE_FILE
 
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new output folder")
+    check_new_output(out, "--out ")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(
@@ -344,18 +344,11 @@ def distill_lcm(
     """Distil ``teacher`` (run / stage / step-N folder) into an LCM student at ``out``; return
     (checkpoint folder, per-step losses)."""
     from training.data import FeatureBatches, make_loader, open_features
-    from training.export import load_transformer, resolve_checkpoint
-    from training.train import read_state, step_generator
+    from training.export import load_transformer, open_base
+    from training.train import step_generator
 
     cfg = (config or LcmConfig()).validate()
-    if not os.path.isdir(teacher):
-        raise FileNotFoundError(f"--teacher {teacher}: no such folder")
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new output folder")
-    ckpt = resolve_checkpoint(teacher)
-    state = read_state(ckpt)
-    if state.get("lora_base"):
-        raise ValueError(f"--teacher {teacher}: a LoRA stage; export it first or use its base")
+    ckpt, state = open_base(teacher, "--teacher", out)
     tsettings = state["features"]["settings"]
     multi_scale = bool(tsettings.get("multi_scale"))
     fset = open_features(

@@ -116,27 +116,20 @@ def finetune_dreambooth(
     (checkpoint folder, per-step losses)."""
     from training.diffusion import Diffusion
     from training.distill import write_checkpoint, write_metrics
-    from training.export import load_transformer, resolve_checkpoint
+    from training.export import load_transformer, open_base
     from training.feature_models import load_t5, load_vae
     from training.lora import LoraOptions, add_lora
     from training.model import micro_conditions
     from training.sample import sample
     from training.text import TextEncoder, clean_caption
-    from training.train import read_state, step_generator
+    from training.train import step_generator
 
     cfg = (config or DreamBoothConfig()).validate()
     check_prompt(instance_prompt, "--instance-prompt")
     if cfg.prior_images:
         check_prompt(cfg.class_prompt, "--class-prompt")
     files = instance_files(instance_dir)
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"--base {base}: no such folder")
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new output folder")
-    ckpt = resolve_checkpoint(base)
-    state = read_state(ckpt)
-    if state.get("lora_base"):
-        raise ValueError(f"--base {base}: a LoRA stage; export it first or use its base")
+    ckpt, state = open_base(base, "--base", out)
     settings = state["features"]["settings"]
     res = int(settings["resolution"])
     scale = float(settings.get("vae_scale_factor", 0.18215))

@@ -139,12 +139,31 @@ def build_pipeline(
     )
 
 
+def open_base(path: str, flag: str, out: str) -> tuple[str, dict[str, Any]]:
+    """The full-weights checkpoint a fine-tuning command builds on — ``path`` (a run, stage or
+    step-N folder; ``flag`` names it in errors) → (step folder, training state) — after checking
+    that the output folder ``out`` is new. A LoRA stage is refused: it holds adapters only."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such folder")
+    check_new_output(out, "--out ")
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
+    if state.get("lora_base"):
+        raise ValueError(f"{flag} {path}: a LoRA stage; export it first or use its base")
+    return ckpt, state
+
+
+def check_new_output(out: str, flag: str = "") -> None:
+    """``out`` must not exist yet, or be empty: outputs are never written over."""
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{flag}{out} exists and is not empty; choose a new output folder")
+
+
 def export_diffusers(
     checkpoint: str, out: str, weights: str = "ema", t5: str | None = None, vae: str | None = None
 ) -> str:
     """Write a diffusers PixArtAlphaPipeline folder at ``out`` (atomically); return ``out``."""
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"{out} exists and is not empty; choose a new output folder")
+    check_new_output(out)
     ckpt = resolve_checkpoint(checkpoint)
     pipe = build_pipeline(ckpt, weights, t5=t5, vae=vae)
     parent = os.path.dirname(os.path.abspath(out))
