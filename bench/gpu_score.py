@@ -49,15 +49,6 @@ NEEDED = (
     "tqdm",
     "skimage",
 )
-SKIMAGE = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "camera",
-    "immunohistochemistry",
-    "hubble_deep_field",
-)
 SIZES = (1024, 896, 768, 640, 512)
 
 
@@ -76,7 +67,7 @@ def make_photos(out: Path, n: int, distinct: int = 256) -> None:
     from photos import source_images  # bench/photos.py
     from PIL import Image
 
-    sources = source_images(SKIMAGE)
+    sources = source_images()  # bench/photos.py's set
     distinct = min(distinct, n)
     for i in range(distinct):
         img = sources[i % len(sources)]

@@ -330,7 +330,8 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def check_finetune_settings(steps: int, batch_size: int, lr: float, lora: int | None) -> None:
-    """The checks every fine-tuning command (distill, dreambooth) makes on its loop settings."""
+    """The checks every fine-tuning command (controlnet, distill, dreambooth) makes on its loop
+    settings."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if batch_size < 1:

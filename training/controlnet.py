@@ -211,6 +211,7 @@ def train_controlnet(
     progress: bool = True,
 ) -> tuple[str, list[float]]:
     """Train a ControlNet on a frozen base checkpoint; return (controlnet file, per-step losses)."""
+    from training.config import check_finetune_settings
     from training.data import FeatureBatches, make_loader, open_features
     from training.diffusion import Diffusion
     from training.export import load_transformer, resolve_checkpoint
@@ -218,12 +219,7 @@ def train_controlnet(
     from training.hed import read_edges
     from training.train import read_state, step_generator
 
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 < lr < 1:
-        raise ValueError(f"--lr must be in (0, 1), got {lr}")
+    check_finetune_settings(steps, batch_size, lr, lora=None)
     if not os.path.isdir(base):
         raise FileNotFoundError(f"--base {base}: no such folder")
     ckpt = resolve_checkpoint(base)
