@@ -20,6 +20,7 @@ ALT_PROMPT = 'Given the caption of this image "{}", describe this image in a ver
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CACHES = ("dynamic", "static")
+PROMPT_CACHE = 10_000  # distinct user prompts whose template and length are kept
 
 
 @dataclass
@@ -129,7 +130,10 @@ class Captioner:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         candidates = [gen.pad_token_id, tok.pad_token_id, *sorted(self.eos_ids)]
         self.pad_id = next((i for i in candidates if i is not None), 0)
+        # per distinct user prompt: the templated text and its token count (bounded: with
+        # --prompt-with-alt nearly every image has its own prompt)
         self._templates: dict[str, str] = {}
+        self._prompt_tokens: dict[str, int] = {}
         self.shortest_edge = _shortest_edge(getattr(processor, "image_processor", None))
         if getattr(processor, "chat_template", None) is None:
             raise ValueError("the model's processor has no chat template (chat_template.jinja)")
@@ -158,7 +162,8 @@ class Captioner:
     # ---- inputs --------------------------------------------------------------------------
     def chat_prompt(self, user_prompt: str) -> str:
         """The full model prompt (chat template, generation prompt appended) for a user prompt."""
-        if user_prompt not in self._templates:
+        text = self._templates.get(user_prompt)
+        if text is None:
             conv = [
                 {
                     "role": "user",
@@ -168,8 +173,9 @@ class Captioner:
             text = self.processor.apply_chat_template(
                 conv, add_generation_prompt=True, tokenize=False
             )
-            self._templates[user_prompt] = text
-        return self._templates[user_prompt]
+            if len(self._templates) < PROMPT_CACHE:
+                self._templates[user_prompt] = text
+        return text
 
     def fit(self, img: Image.Image) -> Image.Image:
         """Downsize an image before the processor: to --max-side, and for processors that resize
@@ -194,14 +200,24 @@ class Captioner:
     def prompt_length(self, img: Image.Image, alt_text: str | None) -> int:
         """Tokens of this sample's prompt: the templated text, plus the image's placeholder
         tokens where the processor can count them for this size (LLaVA-NeXT's vary with it)."""
-        text = self.chat_prompt(self.config.user_prompt(alt_text))
-        n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n = self._text_tokens(self.config.user_prompt(alt_text))
         count = getattr(self.processor, "_get_num_multimodal_tokens", None)
         if count is not None:
             try:
                 n += int(count(image_sizes=[(img.height, img.width)]).num_image_tokens[0])
             except Exception:  # a processor that cannot say: text length alone
                 pass
+        return n
+
+    def _text_tokens(self, user_prompt: str) -> int:
+        """Tokens of the templated ``user_prompt``, counted once per distinct prompt (a fixed
+        prompt is templated and tokenized once, not once per image)."""
+        n = self._prompt_tokens.get(user_prompt)
+        if n is None:
+            text = self.chat_prompt(user_prompt)
+            n = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(self._prompt_tokens) < PROMPT_CACHE:
+                self._prompt_tokens[user_prompt] = n
         return n
 
     def prepare(
