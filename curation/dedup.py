@@ -145,9 +145,12 @@ def hamming_pairs(
     uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     with _faiss_threads(threads):
         p = _hamming_search(uniq, threshold, exact_limit, nprobe, nlist, stats)
-    rows = np.arange(len(hashes), dtype=np.int64)
-    copy = rows != first[inverse]  # a later row with the hash of an earlier one
-    star = (first[inverse][copy], rows[copy], np.ones(int(copy.sum()), np.float32))
+    rows, head = (
+        np.arange(len(hashes), dtype=np.int64),
+        first[inverse],
+    )  # head: first row, same hash
+    copy = rows != head
+    star = (head[copy], rows[copy], np.ones(int(copy.sum()), np.float32))
     return Pairs.concat([(first[p.i], first[p.j], p.score), star], p.method)
 
 
