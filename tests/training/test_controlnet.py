@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.cli import UserError, main
 from pipeline.store import Store
 from training.controlnet import ControlNetTransformer, train_controlnet
 from training.hed import HED, edge_map, extract_edges, load_hed, read_edges, read_png
@@ -102,11 +102,11 @@ def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run,
 def test_controlnet_errors(trained_run, tmp_path, capsys):
     from training.export import load_transformer
 
-    with pytest.raises(ValueError, match="--blocks must be 1-2"):
+    with pytest.raises(UserError, match="--blocks must be 1-2"):
         ControlNetTransformer(load_transformer(str(trained_run / "align")), blocks=3)
     bad = tmp_path / "hed.pth"
     bad.write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot read weights"):
+    with pytest.raises(UserError, match="cannot read weights"):
         load_hed(str(bad))
     args = ["sample", "--checkpoint", str(trained_run), "--prompt", "x"]
     for extra in (["--control-image", "e.png"], ["--controlnet", "x", "--control-image", "e.png"]):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from training.config import load_config
-from training.distributed import train_distributed
-from training.train import read_state
+from training.checkpoint import read_state
+from training.launch import train_distributed
 
 pytest_plugins = ["conftest_train"]
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from pipeline.cli import UserError, main
 from pipeline.store import StoreError
 from training.config import load_config
-from training.train import read_state, train
+from training.checkpoint import read_state
+from training.train import train
 
 pytest_plugins = ["conftest_train"]
 
@@ -89,7 +90,7 @@ def test_resume_continues_exactly(kit, train_store, tmp_path):
     finals = train(load_config(str(parts)), stop_after=3, progress=False)
     assert finals == {}
     assert (tmp_path / "b" / "t" / "s" / "checkpoints" / "step-3").is_dir()
-    with pytest.raises(ValueError, match=r"already has stage\(s\) s; pass --resume"):
+    with pytest.raises(UserError, match=r"already has stage\(s\) s; pass --resume"):
         train(load_config(str(parts)), progress=False)
     train(load_config(str(parts)), resume=True, progress=False)
     a, b = _metrics(tmp_path / "a" / "t" / "s"), _metrics(tmp_path / "b" / "t" / "s")
@@ -112,9 +113,7 @@ def test_resume_refuses_changed_settings(kit, train_store, tmp_path):
         kit.tiny_run(train_store, tmp_path),
         [kit.tiny_stage("s", steps=4, lr=0.5)],
     )
-    with pytest.raises(
-        ValueError, match=r"stage 's' was started with other settings \(lr differ\)"
-    ):
+    with pytest.raises(UserError, match=r"stage 's' was started with other settings \(lr differ\)"):
         train(load_config(str(changed)), resume=True, progress=False)
 
 
@@ -149,7 +148,7 @@ def test_multi_scale_stage_from_a_single_scale_checkpoint(kit, train_store, trai
             r"stage 's': trains at 512 px but features/tiny256 was extracted at 256 px",
         ),
         ({"view": "missing"}, r"stage 's': no view 'missing'"),
-        ({"init_from": "/no/such/ckpt"}, r"init_from /no/such/ckpt: not a training checkpoint"),
+        ({"init_from": "/no/such/ckpt"}, r"init_from /no/such/ckpt: no such folder"),
     ],
 )
 def test_start_up_errors_before_any_model(kit, train_store, tmp_path, stage, match, monkeypatch):
@@ -162,7 +161,7 @@ def test_start_up_errors_before_any_model(kit, train_store, tmp_path, stage, mat
     path = kit.write_config(
         tmp_path / "s.toml", kit.tiny_run(train_store, tmp_path), [kit.tiny_stage("s", **stage)]
     )
-    with pytest.raises((ValueError, FileNotFoundError, StoreError), match=match):
+    with pytest.raises((UserError, FileNotFoundError, StoreError), match=match):
         train(load_config(str(path)), progress=False)
     assert not (tmp_path / "t").exists()
 

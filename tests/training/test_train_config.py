@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.cli import UserError
 from pathlib import Path
 
 import pytest
@@ -66,22 +67,22 @@ def test_bad_values_name_value_and_allowed(kit, tmp_path, run, stage, match):
     path = kit.write_config(
         tmp_path / "s.toml", kit.tiny_run("st", tmp_path, **run), [kit.tiny_stage("s", **stage)]
     )
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         load_config(str(path))
 
 
 def test_structure_errors(kit, tmp_path):
     (tmp_path / "a.toml").write_text('[run]\nname = "r"\nstore = "s"\n\n[stage]\nname = "x"\n')
-    with pytest.raises(ValueError, match=r"write \[\[stage\]\], not \[stage\]"):
+    with pytest.raises(UserError, match=r"write \[\[stage\]\], not \[stage\]"):
         load_config(str(tmp_path / "a.toml"))
     (tmp_path / "b.toml").write_text('[run]\nname = "r"\nstore = "s"\n[extras]\nx = 1\n')
-    with pytest.raises(ValueError, match=r"unknown table \[extras\]"):
+    with pytest.raises(UserError, match=r"unknown table \[extras\]"):
         load_config(str(tmp_path / "b.toml"))
     (tmp_path / "c.toml").write_text('[run]\nname = "r"\nstore = "s"\n[[stage]]\nname = "x"\n')
-    with pytest.raises(ValueError, match=r"features is required"):
+    with pytest.raises(UserError, match=r"features is required"):
         load_config(str(tmp_path / "c.toml"))
     (tmp_path / "d.toml").write_text("[run\n")
-    with pytest.raises(ValueError, match=r"not valid TOML"):
+    with pytest.raises(UserError, match=r"not valid TOML"):
         load_config(str(tmp_path / "d.toml"))
     with pytest.raises(FileNotFoundError, match=r"no config file"):
         load_config(str(tmp_path / "missing.toml"))
@@ -90,11 +91,11 @@ def test_structure_errors(kit, tmp_path):
         kit.tiny_stage("single", init_from="previous"),
     ]
     with pytest.raises(
-        ValueError, match=r"stage 'single' starts from multi-scale stage 'ms', so it must be"
+        UserError, match=r"stage 'single' starts from multi-scale stage 'ms', so it must be"
     ):
         load_config(str(kit.write_config(tmp_path / "f.toml", kit.tiny_run("s", tmp_path), stages)))
     stages = [kit.tiny_stage("same"), kit.tiny_stage("same", init_from="previous")]
-    with pytest.raises(ValueError, match=r"stage names must be unique, 'same' is repeated"):
+    with pytest.raises(UserError, match=r"stage names must be unique, 'same' is repeated"):
         load_config(str(kit.write_config(tmp_path / "e.toml", kit.tiny_run("s", tmp_path), stages)))
 
 
