@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from training.config import load_config
 from training.checkpoint import read_state
+from training.config import load_config
 from training.launch import train_distributed
 
 pytest_plugins = ["conftest_train"]

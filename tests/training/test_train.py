@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from pipeline.cli import UserError, main
 from pipeline.store import StoreError
-from training.config import load_config
 from training.checkpoint import read_state
+from training.config import load_config
 from training.train import train
 
 pytest_plugins = ["conftest_train"]

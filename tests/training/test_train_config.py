@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.cli import UserError
 from pathlib import Path
 
 import pytest
 
+from pipeline.cli import UserError
 from training.config import config_from_json, load_config
 
 pytest_plugins = ["conftest_train"]
