@@ -191,3 +191,39 @@ def test_cli_train_and_one_line_errors(kit, train_store, tmp_path, capsys):
     )  # the config's store does not exist
     err = capsys.readouterr().err.strip()
     assert err.startswith("alphaset train: error: no store at") and "\n" not in err
+
+
+def test_metrics_have_one_line_per_step_after_a_kill_and_resume(kit, train_store, tmp_path):
+    """A run killed after logging step 3 but before its step-3 checkpoint: the resumed run
+    continues from step 2 and metrics.jsonl ends with exactly one line per step."""
+    import shutil
+
+    stage = kit.tiny_stage("s", steps=4, save_every=2)
+    path = kit.write_config(tmp_path / "a.toml", kit.tiny_run(train_store, tmp_path), [stage])
+    train(load_config(str(path)), stop_after=3, progress=False)
+    sdir = tmp_path / "t" / "s"
+    shutil.rmtree(sdir / "checkpoints" / "step-3")  # the kill: step 3 logged, never saved
+    assert [json.loads(x)["step"] for x in (sdir / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    train(load_config(str(path)), resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (sdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_runs_folder_must_be_a_posix_path(kit, train_store, tmp_path, monkeypatch, capsys):
+    """An fsspec URL as the runs folder is one line, before anything (not even a local
+    ``s3:/bucket`` folder) is written."""
+    monkeypatch.chdir(tmp_path)
+    path = kit.write_config(
+        tmp_path / "s.toml", kit.tiny_run(train_store, "runs"), [kit.tiny_stage("s")]
+    )
+    for url in ("s3://bucket/runs", "gs://b/r", "file:///tmp/r"):
+        with pytest.raises(UserError, match=r"must be a shared POSIX path"):
+            load_config(str(path), dir=url)
+        assert main(["train", "--config", str(path), "--runs", url, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "POSIX" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
