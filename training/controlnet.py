@@ -160,6 +160,17 @@ class ControlledTransformer(nn.Module):
         return self.net(hidden_states, control=self.control, **kw)
 
 
+def save_controlnet(path: str, net: ControlNetTransformer, **info: Any) -> str:
+    """A standalone ControlNet file (atomically), as a checkpoint's ``controlnet.safetensors``."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    meta = {"format": "pt", "alphaset": json.dumps({"blocks": net.blocks, **info})}
+    save_file(net.control_state_dict(), tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
 def load_controlnet(base: nn.Module, path: str) -> ControlNetTransformer:
     """A ControlNetTransformer on ``base`` with the weights of ``path`` (file or its folder)."""
     from safetensors import safe_open

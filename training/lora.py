@@ -115,6 +115,17 @@ def lora_header(opts: LoraOptions, **info: Any) -> dict[str, str]:
     return {METADATA_KEY: json.dumps(meta), "alphaset": json.dumps(info)}
 
 
+def save_lora(path: str, state: dict[str, torch.Tensor], opts: LoraOptions, **info: Any) -> str:
+    """A standalone adapter file (atomically): the format ``sample --lora`` and diffusers read.
+    (Training checkpoints write theirs through training.checkpoint.)"""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(state, tmp, metadata={"format": "pt", **lora_header(opts, **info)})
+    os.replace(tmp, path)
+    return path
+
+
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], LoraOptions, dict[str, Any]]:
     """(weights, options, alphaset info) of an adapter file."""
     from safetensors import safe_open

@@ -14,8 +14,8 @@ from pipeline.cli import UserError, main
 from pipeline.store import Store
 from training.checkpoint import CONTROLNET_FILE
 from training.controlnet import ControlNetTransformer
-from training.recipes import controlnet_config, losses, run_recipe
 from training.hed import HED, edge_map, extract_edges, load_hed, read_edges, read_png
+from training.recipes import controlnet_config, losses, run_recipe
 
 pytest_plugins = ["conftest_train"]
 
@@ -86,6 +86,10 @@ def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run,
         Path(final) / "model.safetensors"
     ).exists()
     assert (out / "controlnet" / "samples" / "step-8.png").is_file()  # grid under the edge map
+    from training.checkpoint import load_transformer
+
+    with pytest.raises(UserError, match=r"is a ControlNet checkpoint: use its base"):
+        load_transformer(str(out))  # export / sample --checkpoint need the base
     edge = tmp_path / "edge.png"
     from PIL import Image
 
