@@ -37,7 +37,7 @@ def _edges(args: argparse.Namespace) -> int:
 
     summary = extract_edges(
         args.store, args.hed, args.resolution, tag=args.tag, workers=args.workers,
-        use_ray=not args.local, progress=not args.quiet,
+        use_ray=not args.local, progress=not args.quiet, multi_scale=args.multi_scale,
     )  # fmt: skip
     for line in summary.lines():
         print(line)
@@ -161,7 +161,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--store", required=True)
     e.add_argument("--hed", default="tiny", help="HED preset, folder or weights file")
     e.add_argument("--resolution", type=int, default=512, help="crop side (256, 512, 1024)")
-    e.add_argument("--tag", default=None, help="edges/<tag> (default hed-<resolution>)")
+    e.add_argument(
+        "--multi-scale", action="store_true",
+        help="crop each image to its aspect-ratio bucket (for multi-scale features / ControlNet)",
+    )  # fmt: skip
+    e.add_argument("--tag", default=None, help="edges/<tag> (default hed-<resolution>[-ms])")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--local", action="store_true", help="run in this process, no Ray")
     e.add_argument("--quiet", action="store_true")
