@@ -309,7 +309,10 @@ def build_models(
     base = build_transformer(tconfig, seed=cfg.seed)
     fresh_full = latest is not None and objective.resume_replaces_base
     if init != "scratch" and not fresh_full:
-        missing = load_weights(base, ck.load_state_dict(init, objective.init_weights), init)
+        try:
+            missing = load_weights(base, ck.load_state_dict(init, objective.init_weights), init)
+        except ValueError as e:  # load_weights' "do not fit": an incompatible base
+            raise UserError(f"stage {stage.name!r}: {e}") from e
         if missing and dist.is_main:
             log.warning(
                 "stage %s: %d micro-condition tensor(s) (resolution/aspect embedders) are not in %s; "
