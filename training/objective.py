@@ -56,10 +56,11 @@ def step_generator(
 
 
 def cast_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of a batch onto the device (text embeddings as float32, the autocast input)."""
+    """Tensors of a batch onto the device (text embeddings as float32, the autocast input); the
+    loader position ``pos`` stays on the CPU (the loop reads it every step: no device sync)."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and k != "pos":
             v = v.to(device, non_blocking=True)
             if k == "t5":
                 v = v.float()
