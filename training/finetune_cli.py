@@ -107,6 +107,10 @@ def _loop_settings(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     if args.ema is not None:
         out["ema"] = args.ema
+    if args.sample_every:
+        out["sample_every"] = args.sample_every
+        if "instance_prompt" not in args:
+            out["validation_prompts"] = args.validation_prompt or []
     return out
 
 
@@ -139,6 +143,14 @@ def _loop_flags(
         default=None,
         help="checkpoint every N steps (default: at the end)",
     )
+    p.add_argument(
+        "--sample-every", type=int, default=0,
+        help="validation grid every N steps, with this objective's sampler (default 0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--validation-prompt", action="append", default=None, metavar="TEXT",
+        help="a validation prompt (repeatable; DreamBooth uses its instance prompt)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder (new, or this run's with --resume)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
