@@ -224,7 +224,9 @@ def explore_tab(explorer: Explorer | None, problem: str | None) -> None:
             show = gr.Button("Show duplicate groups", interactive=ready, elem_id="ex-dups-show")
             dup_page = gr.Number(1, label="Page", precision=0, minimum=1, elem_id="ex-dups-page")
             dup_info = gr.Markdown("", elem_id="ex-dups-info")
-        dups = gr.Gallery(columns=1, height=600, format="jpeg", elem_id="ex-dups")
+        dups = gr.Gallery(
+            columns=2, height=600, format="jpeg", object_fit="contain", elem_id="ex-dups"
+        )
 
     def need() -> Explorer:
         if explorer is None:
