@@ -259,13 +259,22 @@ class Explorer:
         for item in items:
             if item.status == "ok":
                 by_shard.setdefault(item.shard, {}).setdefault(item.key, []).append(item)
+        missing = set()
         for shard, pending in by_shard.items():
+            if not fs.exists(self.store.image_url(shard)):
+                missing.add(shard)
+                continue
             for key, data in self._images(shard, set(pending)):
                 for item in pending[key]:
                     item.thumb = thumbnail(data)
         for item in items:
             if item.thumb is None:
-                item.thumb = placeholder(item.error or "no image in the shard's tar")
+                reason = item.error or (
+                    f"images/{item.shard}.tar is missing"
+                    if item.shard in missing
+                    else "not in the shard's tar"
+                )
+                item.thumb = placeholder(reason)
 
     def _images(self, shard: str, keys: set[str]):
         """(key, image bytes) of ``keys`` from the shard's tar, stopping once all are found."""

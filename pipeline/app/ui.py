@@ -367,10 +367,13 @@ def build_app(
             gen_problem = _load_problem(e, f"--checkpoint {checkpoint}")
     with gr.Blocks(title="alphaset", analytics_enabled=False) as app:
         gr.Markdown("## alphaset — generate and explore")
-        with gr.Tab("Generate", elem_id="tab-generate"):
-            generate_tab(studio, gen_problem)
-        with gr.Tab("Explore", elem_id="tab-explore"):
-            explore_tab(explorer, ex_problem)
+        # Open on the tab that has something to show: Explore when only a store was given.
+        first = "explore" if studio is None and explorer is not None else "generate"
+        with gr.Tabs(selected=first):
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                generate_tab(studio, gen_problem)
+            with gr.Tab("Explore", id="explore", elem_id="tab-explore"):
+                explore_tab(explorer, ex_problem)
     app.queue(default_concurrency_limit=4)
     app.studio, app.explorer = studio, explorer  # type: ignore[attr-defined]
     return app
