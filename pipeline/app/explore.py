@@ -77,6 +77,9 @@ class Item:
         aes = self.scores.get("clip_aesthetic")
         if aes is not None:
             parts.append(f"aesthetic {aes:.2f}")
+        sim = self.scores.get("clip_text_sim")
+        if sim is not None:
+            parts.append(f"clip {sim:.2f}")
         if self.scores.get("dup_of"):
             parts.append(f"dup of {self.scores['dup_of']}")
         if self.error:
@@ -88,7 +91,7 @@ class Item:
 
 
 class Explorer:
-    """A store opened for browsing. Thread-safe: caches are built under a lock."""
+    """A store opened for browsing. Thread-safe: each cache is built once, under its lock."""
 
     def __init__(self, root: str):
         if not root or not fs.exists(root):
@@ -106,7 +109,8 @@ class Explorer:
         self.caption_tags = views.stage_tags(self.store, "captions")
         self.score_tags = views.stage_tags(self.store, "scores")
         self.embedding_tags = views.stage_tags(self.store, "embeddings")
-        self._lock = threading.Lock()
+        # One lock per cache: building the joined table does not hold up search or duplicates.
+        self._locks = {n: threading.Lock() for n in ("joined", "groups", "index", "clip")}
         self._joined: pl.DataFrame | None = None
         self._groups: list[tuple[tuple[str, str], list[dict[str, Any]]]] | None = None
         self._indexes: dict[str, SearchIndex] = {}
@@ -142,7 +146,7 @@ class Explorer:
     # ---- selections ------------------------------------------------------------------------
     def joined(self) -> pl.DataFrame:
         """The joined table of `pipeline.views` (what a view filters), read once per process."""
-        with self._lock:
+        with self._locks["joined"]:
             if self._joined is None:
                 self._joined = views.joined_table(self.store)
             return self._joined
@@ -316,7 +320,7 @@ class Explorer:
     def dup_groups(self) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
         """Dedup groups: ((kept key, its shard), [members with dup_kind, dup_score, shard]),
         largest groups first. Empty when the store has no ``scores/dedup``."""
-        with self._lock:
+        with self._locks["groups"]:
             if self._groups is None:
                 self._groups = self._read_groups()
             return self._groups
@@ -387,7 +391,7 @@ class Explorer:
         tag = tag or self.embedding_tags[0]
         if tag not in self.embedding_tags:
             raise StoreError(f"no embeddings/{tag} (tags: {', '.join(self.embedding_tags)})")
-        with self._lock:
+        with self._locks["index"]:
             if tag not in self._indexes:
                 self._indexes[tag] = SearchIndex.build(self.store, tag)
             return self._indexes[tag]
@@ -400,7 +404,7 @@ class Explorer:
         value = (cfg.get("settings") or {}).get("clip")
         if not value:
             raise StoreError(f"embeddings/{tag} records no CLIP model; cannot embed a text query")
-        with self._lock:
+        with self._locks["clip"]:
             if tag not in self._clips:
                 self._clips[tag] = load_clip(value, "auto")
             return self._clips[tag]

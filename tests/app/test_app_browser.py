@@ -3,7 +3,8 @@ the HTTP tests use. Generate an image with each sampler, filter, search, open a 
 view, look at the duplicates; a screenshot of each tab is saved under the test's tmp dir.
 
 Skipped, with the reason, where chromium or chromedriver is missing (CI installs them:
-``.ci/run``). ``ALPHASET_DOCS_SCREENSHOTS=DIR`` also writes the README's two screenshots there.
+``.ci/run``). ``ALPHASET_DOCS_SCREENSHOTS=docs`` also writes the README's two screenshots
+(``docs/app-generate.png``, ``docs/app-explore.png``, downscaled to 128 colours).
 """
 
 from __future__ import annotations
@@ -107,17 +108,18 @@ def _toast(driver, expect: str) -> str:
     return text
 
 
-def _screenshot(driver, tmp_path: Path, name: str) -> Path:
+def _screenshot(driver, tmp_path: Path, name: str, docs: bool = False) -> Path:
+    """Save a screenshot under the test's tmp dir; ``docs``: also the README's small copy."""
     path = tmp_path / f"{name}.png"
     driver.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
-    docs = os.environ.get("ALPHASET_DOCS_SCREENSHOTS")
-    if docs:
+    folder = os.environ.get("ALPHASET_DOCS_SCREENSHOTS")
+    if docs and folder:
         from PIL import Image
 
         img = Image.open(path).convert("RGB")
         img.thumbnail((1100, 1100))
-        img.quantize(colors=128).save(Path(docs) / f"app-{name}.png", optimize=True)
+        img.quantize(colors=128).save(Path(folder) / f"app-{name}.png", optimize=True)
     return path
 
 
@@ -136,7 +138,7 @@ def test_generate_tab(page, tmp_path):
         _wait(page, lambda d, w=want: w in _captions(d, "gen-gallery"))
         img = _css(page, "#gen-gallery img")
         assert img.get_attribute("naturalWidth") == "256"
-    _screenshot(page, tmp_path, "generate")
+    _screenshot(page, tmp_path, "generate", docs=True)
 
     _type(page, "#gen-seed input", str(2**70))
     _css(page, "#gen-run").click()
@@ -174,7 +176,7 @@ def test_explore_tab(page, tmp_path, demo_store):
     detail = _css(page, "#ex-detail").text  # the rows in view; test_app_http checks them all
     assert "meta" in detail and "captions/tiny" in detail and "alt_text" in detail
     _wait(page, lambda d: d.find_elements("css selector", "#ex-detail-image img"))
-    _screenshot(page, tmp_path, "explore")
+    _screenshot(page, tmp_path, "explore", docs=True)
 
     _type(page, "#ex-view-name textarea", "from_browser")
     _css(page, "#ex-save").click()

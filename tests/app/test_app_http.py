@@ -75,6 +75,46 @@ def test_sampler_defaults_and_several_prompts(client):
     assert np.array_equal(first, _pixels(again[0]["image"]))  # the seed reproduces it
 
 
+def test_requests_are_queued_not_concurrent(client):
+    """A second request while one runs waits in the queue: never two on the model at once."""
+    import time
+
+    from gradio_client.utils import Status
+
+    from pipeline.app.ui import build_app
+
+    fns = build_app(None, None).fns.values()
+    assert [(f.concurrency_limit, f.concurrency_id) for f in fns if f.api_name == "generate"] == [
+        (1, "model")
+    ]
+    args = (PROMPT, "", "iddpm", 80, 4.5)
+    rest = ("256x256", 1, None, 1.0, None, "edge map")
+    a = client.submit(*args, 1, *rest, api_name="/generate")
+    b = client.submit(*args, 2, *rest, api_name="/generate")
+    queued = False
+    while not (a.done() and b.done()):
+        queued |= a.status().code == Status.PROCESSING and b.status().code == Status.IN_QUEUE
+        time.sleep(0.005)
+    assert queued  # b waited while a ran
+    assert [r[2]["seed"] for r in (a.result(), b.result())] == [1, 2]
+
+
+def test_low_vram_is_passed_through(tiny_export):
+    """--low-vram: `generate`'s path that frees T5; the next request loads the model again and
+    gives the same image (the one `alphaset sample --low-vram` gives)."""
+    from pipeline.app.generate import Studio, settings_from_form
+
+    studio = Studio(tiny_export["export"], device="cpu", low_vram=True)
+    settings = settings_from_form("dpm", 2, None, 4, "256x256", 1, studio.low_vram)
+    first = studio.run([PROMPT], settings).images[0]
+    assert studio.model.pipe.text_encoder is None  # freed, as sample --low-vram does
+    second = studio.run([PROMPT], settings).images[0]
+    ref = sample(tiny_export["export"], [PROMPT], steps=2, seed=4, size="256x256", device="cpu",
+                 low_vram=True)  # fmt: skip
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    assert np.array_equal(np.asarray(first), np.asarray(ref.images[0]))
+
+
 def test_lora_and_controlnet_apply_per_request(client, tiny_export):
     base, _, _ = _gen(client, seed=2)
     lora, _, rec = _gen(client, seed=2, lora=tiny_export["lora"], scale=0.8)
