@@ -136,8 +136,7 @@ def test_generate_tab(page, tmp_path):
         _css(page, "#gen-run").click()
         want = f"a photo of a cat · {name} 2 steps · cfg {spec.cfg:g} · seed 0 · 256x256"
         _wait(page, lambda d, w=want: w in _captions(d, "gen-gallery"))
-        img = _css(page, "#gen-gallery img")
-        assert img.get_attribute("naturalWidth") == "256"
+        _wait(page, lambda d: _css(d, "#gen-gallery img").get_attribute("naturalWidth") == "256")
     _screenshot(page, tmp_path, "generate", docs=True)
 
     _type(page, "#gen-seed input", str(2**70))
