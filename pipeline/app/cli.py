@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     from pipeline.app.ui import build_app
+    from pipeline.cli import UserError
 
     diffusers_logging.disable_progress_bar()
 
@@ -46,14 +47,17 @@ def _run(args: argparse.Namespace) -> int:
         hed=args.hed,
     )
     print(f"alphaset app on http://{args.host}:{args.port}  (Ctrl+C stops it)", flush=True)
-    app.launch(
-        server_name=args.host,
-        server_port=args.port,
-        show_error=True,
-        quiet=True,
-        inbrowser=False,
-        footer_links=[],
-    )
+    try:
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            show_error=True,
+            quiet=True,
+            inbrowser=False,
+            footer_links=[],
+        )
+    except OSError as e:  # port taken, address not on this machine
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {e}") from e
     return 0
 
 

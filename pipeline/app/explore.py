@@ -295,6 +295,13 @@ class Explorer:
                     return
 
     # ---- one key ---------------------------------------------------------------------------
+    def find(self, key: str) -> str:
+        """The shard that holds ``key`` (reads only the meta ``key`` column, shard by shard)."""
+        for shard in self.shards:
+            if key in set(self.store.read_meta(shard, ["key"])["key"].to_pylist()):
+                return shard
+        raise StoreError(f"no key {key!r} in {self.store.root}")
+
     def detail(self, key: str, shard: str) -> tuple[Image.Image | None, dict[str, Any]]:
         """The image and every row the store holds for ``key``: meta, each caption and score
         tag (dedup included), the embedding's size, the edge map's presence."""

@@ -277,14 +277,12 @@ def explore_tab(explorer: Explorer | None, problem: str | None) -> None:
 
     @shown
     def do_open(key):
-        """A key typed by a client (the HTTP API): its detail, its shard looked up in meta."""
+        """A key sent by a client (the HTTP API): its detail, its shard looked up in meta."""
         ex = need()
-        sel = ex.select(f"key = '{str(key).replace(chr(39), chr(39) * 2)}'")
-        if sel.total == 0:
-            raise gr.Error(f"no ok row with key {key!r}")
-        k, s = sel.keys.row(0)
-        image, rows = ex.detail(k, s)
-        return image, _flat(rows), (k, s)
+        key = str(key or "").strip()
+        shard = ex.find(key)
+        image, rows = ex.detail(key, shard)
+        return image, _flat(rows), (key, shard)
 
     @shown
     def do_save(name, where_value, replace_value):

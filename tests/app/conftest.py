@@ -111,7 +111,12 @@ def app_server(demo_store, tiny_export, tmp_path_factory):
     loopback port; yields its URL. One process for every test that talks to a server."""
     port = free_port()
     log = tmp_path_factory.mktemp("app-log") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(log.parent / "gradio"),  # served files stay in the test's tmp
+    }
     cmd = [
         sys.executable, "-m", "pipeline.cli", "app", "--store", demo_store, "--checkpoint",
         tiny_export["export"], "--controlnet", tiny_export["controlnet"], "--hed", "tiny",

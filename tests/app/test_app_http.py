@@ -87,7 +87,7 @@ def test_requests_are_queued_not_concurrent(client):
     assert [(f.concurrency_limit, f.concurrency_id) for f in fns if f.api_name == "generate"] == [
         (1, "model")
     ]
-    args = (PROMPT, "", "iddpm", 80, 4.5)
+    args = (PROMPT, "", "iddpm", 40, 4.5)
     rest = ("256x256", 1, None, 1.0, None, "edge map")
     a = client.submit(*args, 1, *rest, api_name="/generate")
     b = client.submit(*args, 2, *rest, api_name="/generate")
@@ -309,3 +309,19 @@ def test_bad_stores_and_checkpoints_say_why_in_the_page(serve, demo_store, tmp_p
     assert len(grid) == 1  # the rest of the tab works
     strips, text = client.predict(1, api_name="/duplicates")
     assert strips == [] and "no duplicate groups (run `alphaset dedup`)" in text
+
+
+def test_cli_binds_loopback_unless_asked(app_server, capsys):
+    """--host defaults to 127.0.0.1; a port already in use is a one-line error (exit 2)."""
+    from urllib.parse import urlparse
+
+    from pipeline.cli import build_parser, main
+
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.store, args.checkpoint) == ("127.0.0.1", 7860, None, None)
+    port = urlparse(app_server).port  # taken by the test server
+    assert main(["app", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"alphaset app: error: cannot serve on 127.0.0.1:{port}") and "\n" not in err
+    )
