@@ -18,7 +18,6 @@ file dedup uses (``IndexIVFScalarQuantizer``, fp16, k-means cells from ``curatio
 
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,7 +374,7 @@ class Explorer:
                 cells.append(
                     (
                         thumbs[(m["key"], m["shard"])],
-                        f"{m['key']} {m['dup_kind']} {m['dup_score']:.2f}",
+                        f"{m['key']} {m['dup_kind']} {m['dup_score'] or 0:.2f}",
                         (200, 60, 50),
                     )
                 )
@@ -579,12 +578,6 @@ def strip(cells: list[tuple[Image.Image, str, tuple[int, int, int]]]) -> Image.I
         out.paste(c, (x, 0))
         x += c.width
     return out
-
-
-def image_bytes_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
