@@ -325,3 +325,16 @@ def test_cli_binds_loopback_unless_asked(app_server, capsys):
     assert (
         err.startswith(f"alphaset app: error: cannot serve on 127.0.0.1:{port}") and "\n" not in err
     )
+
+
+def test_photo_edges_use_the_stores_hed(demo_store, tmp_path):
+    """Without --hed, a photo becomes edges with the HED the store's edges/<tag> were made with."""
+    from pipeline.app.explore import Explorer
+    from pipeline.app.ui import store_hed
+    from pipeline.store import Store
+
+    root = tmp_path / "store"
+    shutil.copytree(demo_store, root)
+    assert store_hed(Explorer(str(root))) is None  # no edges stage: the tab asks for --hed
+    Store(str(root)).claim_stage("edges/hed-256", {"hed": "tiny", "resolution": 256})
+    assert store_hed(Explorer(str(root))) == "tiny"
