@@ -284,9 +284,18 @@ class Explorer:
                 item.thumb = placeholder(reason)
 
     def _images(self, shard: str, keys: set[str]):
-        """(key, image bytes) of ``keys`` from the shard's tar, stopping once all are found."""
+        """(key, image bytes) of ``keys`` from the shard's tar, stopping once all are found.
+
+        A local tar is read by its member headers, seeking over the data of other images, so a
+        key deep in a shard of large photos costs a header read per earlier member; a remote tar
+        is streamed (`Store.iter_images`), as a seek there is a new request."""
         left = set(keys)
-        for key, _ext, data in self.store.iter_images(shard):
+        url = self.store.image_url(shard)
+        if fs.is_local(url):
+            images = _local_members(fs.local_path(url), left)
+        else:
+            images = ((k, data) for k, _ext, data in self.store.iter_images(shard))
+        for key, data in images:
             if key in left:
                 left.discard(key)
                 yield key, data
@@ -537,6 +546,32 @@ class SearchIndex:
 
 
 # ---- images ---------------------------------------------------------------------------------
+IMAGE_EXTS = ("jpg", "png", "webp")  # what `Store.iter_images` yields
+
+
+def _local_members(path: str, keys: set[str]):
+    """(key, image bytes) of ``keys`` from a local WebDataset tar, in member order, reading every
+    member's header but only the data of ``keys``: the others are seeked over (``tarfile``'s
+    random-access mode). Keys as in `pipeline.store.iter_tar_stream`; unsafe member names are
+    skipped, never extracted."""
+    import tarfile
+
+    from pipeline.store import check_member_name
+
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            try:
+                check_member_name(member.name)
+            except ValueError:
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            stem, _, ext = base.partition(".")
+            key = member.name[: len(member.name) - len(base)] + stem
+            if member.isfile() and ext.lower() in IMAGE_EXTS and key in keys:
+                f.seek(member.offset_data)
+                yield key, f.read(member.size)
+
+
 def thumbnail(data: bytes, side: int = THUMB) -> Image.Image:
     """A thumbnail of stored image bytes (JPEG decoded at a reduced DCT scale), or a placeholder."""
     try:

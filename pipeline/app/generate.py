@@ -14,6 +14,7 @@ frees T5 after encoding, so the model is loaded again before the next request.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import tempfile
 import threading
@@ -150,6 +151,7 @@ class Studio:
             control = self.edges(control) if control_is_photo else control
             read_image(control, "edge image")  # a non-image fails here, with its name
         with self._lock:
+            started = _now()
             if self.model.pipe.text_encoder is None:  # a --low-vram request freed T5
                 self.model = self._load()
             pipe = self.model.pipe
@@ -166,6 +168,7 @@ class Studio:
                 gen = generate(self.model, prompts, settings, device=self.device)
             finally:
                 pipe.__dict__["transformer"] = base
+            finished = _now()
         w, h = gen.size
         captions = [
             f"{p} · {settings.sampler} {settings.steps} steps · cfg {settings.cfg:g} · seed {s} · {w}x{h}"
@@ -185,6 +188,8 @@ class Studio:
             "scheduler": gen.scheduler["class"],
             "seconds": round(gen.seconds, 3),
             "device": self.device,
+            "started": started,  # when the model was free for this request
+            "finished": finished,
         }
         return Result(gen.images, captions, record, control)
 
@@ -205,6 +210,10 @@ class Studio:
         transformer = self._loras[stamp]
         set_lora_scale(transformer, scale)
         return transformer
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 def settings_from_form(
