@@ -176,6 +176,10 @@ def test_explore_tab(page, tmp_path, demo_store):
     assert "meta" in detail and "captions/tiny" in detail and "alt_text" in detail
     _wait(page, lambda d: d.find_elements("css selector", "#ex-detail-image img"))
     _screenshot(page, tmp_path, "explore", docs=True)
+    _css(page, "#ex-like").click()  # the opened image as the query
+    _wait(page, lambda d: f"more like {key}" in _css(d, "#ex-info").text)
+    top = _captions(page, "ex-grid")[:2]  # itself first (a byte copy may tie with it)
+    assert any(c.startswith(f"{key} · cos 1.000") for c in top)
 
     _type(page, "#ex-view-name textarea", "from_browser")
     _css(page, "#ex-save").click()
