@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "training.cli",
     "training.sample_cli",
     "training.finetune_cli",
+    "pipeline.app.cli",
     "pipeline.demo",
 ]
 

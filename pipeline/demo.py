@@ -179,6 +179,7 @@ def run_demo(out: str, config: str | None = None) -> int:
     report = manifest.verify(store)
     print("\n".join(manifest.verify_lines(report)))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; store: {store.root}")
+    print(f"open it in the app: alphaset app --store {store.root} --checkpoint {export}")
     return 0 if report["ok"] else 1
 
 
