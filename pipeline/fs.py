@@ -119,6 +119,74 @@ def atomic_open(url: str) -> Iterator[IO[bytes]]:
         os.remove(tmp)
 
 
+def create_exclusive(url: str, data: bytes | str) -> bool:
+    """Create ``url`` holding ``data`` only if nothing is there yet; False when it exists.
+
+    The test and the write are one step where the backend allows it: a hard link of a finished
+    temp file on a local disk (so a reader never sees a half-written file), a conditional PUT
+    (``If-None-Match: *``) on S3. Other fsspec backends fall back to check-then-write, which two
+    writers racing within the same instant can both pass (see `has_conditional_create`).
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fsys, path = filesystem(url)
+    if isinstance(fsys, LocalFileSystem):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE/SMB mounts): O_EXCL, then write
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    try:
+        fsys.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError:
+        # s3fs reports a failed If-None-Match as EINVAL when the server omits the condition name.
+        fsys.invalidate_cache(path)
+        if fsys.exists(path):
+            return False
+        raise
+    return True
+
+
+def has_conditional_create(url: str) -> bool:
+    """Whether `create_exclusive` is one atomic step on ``url``'s backend (local disk, S3,
+    in-memory); elsewhere it is check-then-write."""
+    fsys, _ = filesystem(url)
+    names = {cls.__name__ for cls in type(fsys).__mro__}
+    return bool(names & {"LocalFileSystem", "S3FileSystem", "MemoryFileSystem"})
+
+
+def ls_fresh(url: str) -> list[str]:
+    """Base names in folder ``url``, bypassing any listing cache (object stores cache listings;
+    a lock must see what another process wrote a moment ago). Temp files included."""
+    fsys, path = filesystem(url)
+    fsys.invalidate_cache(path)
+    try:
+        entries = fsys.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in entries)
+
+
 def atomic_write(url: str, data: bytes | str) -> None:
     if isinstance(data, str):
         data = data.encode("utf-8")
