@@ -79,6 +79,33 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+def sizes(url: str) -> dict[str, int]:
+    """Base name → size in bytes of every file directly in folder ``url`` (one listing call)."""
+    fsys, path = filesystem(url)
+    fsys.invalidate_cache(path)
+    try:
+        entries = fsys.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
+def move(src: str, dst: str) -> None:
+    """Move one file (same filesystem): a rename locally, copy + delete on object stores."""
+    fsys, path = filesystem(src)
+    _, target = filesystem(dst)
+    parent = target.rsplit("/", 1)[0]
+    if isinstance(fsys, LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+        os.replace(path, target)
+        return
+    fsys.mv(path, target)
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
@@ -207,8 +234,21 @@ def write_parquet(url: str, table) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class UnreadableFile(Exception):
+    """A store file that exists but cannot be parsed (damaged): one line naming it."""
+
+
 def read_parquet(url: str, columns: list[str] | None = None):
+    """One Parquet file as a pyarrow Table; a damaged file is an `UnreadableFile` naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with open_read(url) as f:
-        return pq.read_table(f, columns=columns)
+        try:
+            return pq.read_table(f, columns=columns)
+        except pa.ArrowException as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UnreadableFile(
+                f"{url} is not a readable Parquet file ({reason}); 'alphaset manifest verify' "
+                "lists damaged files and 'alphaset manifest repair' sets them aside for a redo"
+            ) from None
