@@ -16,6 +16,7 @@ from curation.dedup import (
 )
 from pipeline import fs
 from pipeline.cli import main
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
 # made by the dup_photos fixture (tests/curation/conftest.py)
@@ -118,7 +119,7 @@ def test_dedup_needs_scores(photos_dir, tmp_path, make_store, capsys):
     assert main(["dedup", "--store", store.root, "--phash-threshold", "40"]) == 2
     assert "--phash-threshold must be in 0..32" in capsys.readouterr().err
     assert main(["dedup", "--store", store.root, "--nprobe", "0"]) == 2
-    assert "--nprobe and --phash-nprobe must be >= 1" in capsys.readouterr().err
+    assert "argument --nprobe: must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_cli_dedup_prints_summary(scored_store, capsys):
@@ -197,9 +198,9 @@ def test_group_keeps_best_image_and_strongest_link():
 
 
 def test_bad_thresholds_are_rejected():
-    with pytest.raises(ValueError, match="--semantic-threshold must be a cosine in"):
+    with pytest.raises(UserError, match="--semantic-threshold must be a cosine in"):
         DedupConfig(semantic_threshold=1.5)
-    with pytest.raises(ValueError, match="--phash-threshold must be in 0..32"):
+    with pytest.raises(UserError, match="--phash-threshold must be in 0..32"):
         DedupConfig(phash_threshold=-1)
 
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.ingest.folder import ingest_folder
 from pipeline.stage import StageSpec, run_stage
 from pipeline.store import Store, StoreError
@@ -97,11 +98,15 @@ def test_settings_change_is_refused(store):
     ],
     ids=["caption", "score", "features"],
 )
-def test_stage_commands_share_the_placement_flags(argv):
+def test_stage_commands_share_the_placement_flags(argv, photos_dir, tmp_path, capsys):
     """Every shard stage places its workers with the same flags, defaults and meanings."""
     from pipeline.cli import build_parser
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.stage import stage_args
 
+    store = str(tmp_path / "s")
+    ingest_folder(store, photos_dir, shard_size=1, progress=False)  # --shards are checked
+    argv = [store if a == "s" else a for a in argv]
     parser = build_parser()
     assert stage_args(parser.parse_args(argv)) == {
         "workers": 1,
@@ -125,8 +130,17 @@ def test_stage_commands_share_the_placement_flags(argv):
         "use_ray": False,
         "progress": False,
     }
-    with pytest.raises(ValueError, match="--shards ',': no shard names"):
-        stage_args(parser.parse_args(argv + ["--shards", ","]))
+    # bad values are refused at parse time (before any file is written or Ray starts)
+    from pipeline.cli import main
+
+    for bad, why in ((",", "no shard names"), ("999999", "not ingested"), ("12", "six digits")):
+        assert main(argv + ["--shards", bad]) == 2
+        assert why in capsys.readouterr().err
+    from pipeline.store import StoreError
+
+    with pytest.raises(StoreError, match="not ingested in .*: 999999 "):
+        stage_args(parser.parse_args(argv + ["--shards", "999999"]))
+    assert not (tmp_path / "s" / "_status" / argv[0]).exists()
 
 
 def test_place_workers_without_ray_follows_this_machine():
@@ -136,7 +150,7 @@ def test_place_workers_without_ray_follows_this_machine():
 
     assert place_workers(0.25, None, use_ray=False) == 0.25
     assert place_workers(None, None, use_ray=False) == (1.0 if torch.cuda.is_available() else 0.0)
-    with pytest.raises(ValueError, match="--gpus-per-worker must be >= 0"):
+    with pytest.raises(UserError, match="--gpus-per-worker must be >= 0"):
         place_workers(-1, None, use_ray=True)  # before any Ray starts
 
 
@@ -150,7 +164,7 @@ def test_workers_beyond_the_cluster_are_not_started(ray_local, caplog):
         assert fitting_workers(8, 1.0, 0.0) == 2
     assert "holds 2 worker(s)" in caplog.text
     assert fitting_workers(8, 0.5, 0.0) == 4
-    with pytest.raises(ValueError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
+    with pytest.raises(UserError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
         fitting_workers(1, 1.0, 1.0)
 
 
