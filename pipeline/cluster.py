@@ -1,44 +1,104 @@
-"""Ray connection: attach to a running cluster (RAY_ADDRESS, as under `ray job submit`,
---ray-address, or the cluster `ray start` left on this machine) or start an embedded local Ray
-for a laptop run (``--ray-address local`` forces that)."""
+"""Ray connection: attach to a running cluster (--ray-address, RAY_ADDRESS as under `ray job
+submit`, or the cluster `ray start` left on this machine) or start an embedded local Ray for a
+laptop run (``--ray-address local`` forces that)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
 _embedded = False  # this process started its own Ray (no node will ever join it)
+DEFAULT_RAY_TIMEOUT = 30.0
+_timeout = DEFAULT_RAY_TIMEOUT
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to Ray once per process. Without an address, start a local Ray sized to this machine."""
+def set_ray_timeout(seconds: float) -> None:
+    """Seconds `init_ray` waits for a cluster to answer (``--ray-timeout``)."""
+    global _timeout
+    if not seconds > 0:
+        raise UserError(f"--ray-timeout must be > 0 seconds, got {seconds:g}")
+    _timeout = float(seconds)
+
+
+def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_ADDRESS") -> None:
+    """``ray.init(address=…)`` that fails with one line instead of hanging or printing pages.
+
+    Ray retries an unreachable address for minutes (with C++ warnings) and rejects an
+    ``http://`` address with a multi-line message. So the address is checked first (an HTTP URL
+    is the dashboard / job-submission address, not the cluster's), the host:port is probed with
+    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds.
+    """
     import ray
 
-    global _embedded
-    if ray.is_initialized():
-        return
-    address, source = _resolve_address(address)
-    if address is not None:
-        log.info("attaching to Ray cluster at %s (%s)", address, source)
+    timeout = _timeout if timeout is None else timeout
+    where = source
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"{where} {address} is an HTTP (dashboard/job submission) address; stage commands "
+            "attach to the cluster's GCS address, e.g. <head-node-ip>:6379 (or use "
+            "'ray job submit', which sets RAY_ADDRESS for the job)"
+        )
+    if address != "auto":
+        hostport = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(
+                f"{where} {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379) or 'auto'"
+            )
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            why = (
+                f"no answer within {timeout:g} s, --ray-timeout"
+                if isinstance(e, TimeoutError)
+                else (e.strerror or str(e)).lower()
+            )
+            raise UserError(
+                f"cannot reach the Ray cluster at {address} ({source}: {why}); start it with "
+                "'ray start --head', fix the address, or use an embedded local Ray with "
+                "--ray-address local"
+            ) from None
+    failure: list[BaseException] = []
+
+    def init() -> None:
         try:
             ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError) as e:
-            raise UserError(_attach_error(address, source, e)) from None
-        return
-    log.info("starting an embedded local Ray")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
-    _embedded = True
+        except BaseException as e:  # handed to the caller below
+            failure.append(e)
+
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise UserError(
+            f"the Ray cluster at {address} ({source}) did not answer within {timeout:g} s "
+            "(--ray-timeout); is it a Ray GCS address (port 6379 by default), and does this "
+            f"client hold its token? {_HOW}"
+        )
+    if failure:
+        raise UserError(_attach_error(address, source, failure[0])) from None
+
+
+_HOW = (
+    "If it uses token auth, give this client its token (RAY_AUTH_MODE=token with "
+    "RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>); or run on an embedded Ray here with "
+    "--ray-address local"
+)
+
+
+def _attach_error(address: str, source: str, e: BaseException) -> str:
+    full = f"{e} {e.__cause__ or ''}"
+    if "InvalidAuthToken" in full or "Unauthenticated" in full:
+        why = "it refused this client's auth token (none, or a wrong one)"
+    else:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"cannot attach to the Ray cluster at {address} ({source}): {why}. {_HOW}"
 
 
 def _resolve_address(address: str | None) -> tuple[str | None, str]:
@@ -56,18 +116,28 @@ def _resolve_address(address: str | None) -> tuple[str | None, str]:
     return (found, "started on this machine with `ray start`") if found else (None, "")
 
 
-def _attach_error(address: str, source: str, e: BaseException) -> str:
-    full = f"{e} {e.__cause__ or ''}"
-    if "InvalidAuthToken" in full or "Unauthenticated" in full:
-        why = "it refused this client's auth token (none, or a wrong one)"
-    else:
-        text = str(e).strip().splitlines()
-        why = text[-1] if text else type(e).__name__
-    return (
-        f"cannot attach to the Ray cluster at {address} ({source}): {why}. If it uses token "
-        "auth, give this client its token (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN=<token> or "
-        "RAY_AUTH_TOKEN_PATH=<file>); or run on an embedded Ray here with --ray-address local"
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray once per process. Without an address, start a local Ray sized to this machine."""
+    import ray
+
+    global _embedded
+    if ray.is_initialized():
+        return
+    address, source = _resolve_address(address)
+    if address is not None:
+        log.info("attaching to Ray cluster at %s (%s)", address, source)
+        connect_ray(address, source=source)
+        return
+    log.info("starting an embedded local Ray")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
     )
+    _embedded = True
 
 
 def is_embedded() -> bool:
@@ -89,7 +159,7 @@ def place_workers(gpus_per_worker: float | None, address: str | None, use_ray: b
     """GPUs per stage worker: as given, else 1 when the cluster (or, without Ray, this machine)
     has a GPU, else 0. With Ray it connects first (``address``, else RAY_ADDRESS, else local)."""
     if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise ValueError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
+        raise UserError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
     if use_ray:
         init_ray(address)
     if gpus_per_worker is not None:

@@ -35,6 +35,7 @@ from pipeline import __version__, fs
 
 SCHEMA_VERSION = 1
 STATUS_DIR = "_status"
+QUARANTINE_DIR = "_quarantine"
 CONFIG_NAME = "config.json"
 STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
 
@@ -132,10 +133,25 @@ class Store:
     def exists(self) -> bool:
         return fs.exists(self.manifest_url)
 
+    def check_root(self) -> None:
+        """A `StoreError` naming the path when the store root is a file (or under one)."""
+        fsys, path = fs.filesystem(self.root)
+        try:
+            if fsys.exists(path) and not fsys.isdir(path):
+                raise StoreError(f"--store {self.root} is a file, not a store folder")
+        except NotADirectoryError:
+            raise StoreError(
+                f"--store {self.root}: a parent of it is a file, not a folder"
+            ) from None
+
     def create(self) -> None:
         """Create an empty store (idempotent)."""
+        self.check_root()
         if not self.exists():
-            fs.makedirs(self.root)
+            try:
+                fs.makedirs(self.root)
+            except (FileExistsError, NotADirectoryError) as e:
+                raise StoreError(f"--store {self.root}: cannot create the folder ({e})") from None
             self.write_manifest(self._empty_manifest())
 
     def require(self) -> None:
@@ -145,8 +161,24 @@ class Store:
             )
 
     # ---- status records ----------------------------------------------------------------------
+    def output_names(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, str]:
+        """The files a status record vouches for, by their size field in the record:
+        ``{"output_bytes": "captions/tiny/000003.parquet"}``; for ingest the tar and the meta."""
+        if stage == "ingest":
+            return {
+                "image_bytes": f"images/{shard}.tar",
+                "meta_bytes": f"meta/{shard}.parquet",
+            }
+        default = f"{shard}.tar" if stage.startswith("features/") else f"{shard}.parquet"
+        return {"output_bytes": f"{stage}/{record.get('output') or default}"}
+
     def write_status(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Write the status record that marks ``shard`` of ``stage`` complete. Call it last."""
+        """Write the status record that marks ``shard`` of ``stage`` complete. Call it last.
+
+        The size of each output file is recorded too (``output_bytes``; ``image_bytes`` and
+        ``meta_bytes`` for ingest), so a re-run skips a done shard only when its file is there
+        with that size — a cheap check against deleted or truncated outputs.
+        """
         rec = {
             "stage": stage,
             "shard": shard,
@@ -154,6 +186,9 @@ class Store:
             "time": now_iso(),
             **record,
         }
+        for size_field, rel in self.output_names(stage, shard, rec).items():
+            if size_field not in rec and fs.exists(self.url(rel)):
+                rec[size_field] = fs.size(self.url(rel))
         fs.atomic_write(self.status_url(stage, shard), json.dumps(rec, indent=1, sort_keys=True))
         return rec
 
@@ -161,16 +196,28 @@ class Store:
         url = self.status_url(stage, shard)
         if not fs.exists(url):
             return None
-        return json.loads(fs.read_text(url))
+        return _load_record(url)
 
-    def completed(self, stage: str) -> dict[str, dict[str, Any]]:
-        """All status records of a stage, by shard name."""
+    def completed(
+        self, stage: str, problems: list[tuple[str, str]] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """All status records of a stage, by shard name.
+
+        An unreadable record is a `StoreError` naming the file (and ``manifest repair``), unless
+        ``problems`` is given: then it is listed there as ``(url, message)`` and left out.
+        """
         out = {}
         folder = self.status_dir(stage)
         for name in fs.ls(folder, ".json"):
             shard = name[: -len(".json")]
             if shard.isdigit():
-                out[shard] = json.loads(fs.read_text(fs.join(folder, name)))
+                url = fs.join(folder, name)
+                try:
+                    out[shard] = _load_record(url)
+                except StoreError as e:
+                    if problems is None:
+                        raise
+                    problems.append((url, str(e)))
         return out
 
     def shards(self) -> list[str]:
@@ -186,10 +233,23 @@ class Store:
                     out.append(f"{kind}/{tag}")
         return out
 
+    def quarantine(self, rel: str, stamp: str) -> str:
+        """Move ``rel`` (a path inside the store) aside to ``_quarantine/<stamp>/<rel>``, where no
+        reader looks; return the new relative path. Nothing is deleted: the user decides."""
+        dst = f"{QUARANTINE_DIR}/{stamp}/{rel}"
+        fs.move(self.url(rel), self.url(dst))
+        return dst
+
+    def lease(self, name: str, **kwargs: Any):
+        """The writer lease ``name`` (``ingest`` or a ``<kind>/<tag>``) of this store."""
+        from pipeline.lease import Lease
+
+        return Lease(self.root, name, **kwargs)
+
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
         url = fs.join(self.status_dir(stage), CONFIG_NAME)
-        return json.loads(fs.read_text(url)) if fs.exists(url) else None
+        return _load_record(url) if fs.exists(url) else None
 
     def claim_stage(self, stage: str, settings: dict[str, Any]) -> None:
         """Record the settings of ``stage``; refuse to mix outputs made with other settings."""
@@ -248,7 +308,18 @@ class Store:
 
     def read_manifest(self) -> dict[str, Any]:
         self.require()
-        m = json.loads(fs.read_text(self.manifest_url))
+        try:
+            m = json.loads(fs.read_text(self.manifest_url))
+        except ValueError as e:
+            raise StoreError(
+                f"{self.manifest_url} is not valid JSON ({e}); rebuild it from the status records "
+                f"with 'alphaset manifest repair --store {self.root}'"
+            ) from None
+        if not isinstance(m, dict):
+            raise StoreError(
+                f"{self.manifest_url} is not a manifest (a JSON object); rebuild it with "
+                f"'alphaset manifest repair --store {self.root}'"
+            )
         if m.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.manifest_url} has schema version {m.get('schema_version')}, this alphaset reads {SCHEMA_VERSION}"
@@ -260,8 +331,15 @@ class Store:
         fs.atomic_write(self.manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
 
     def refresh_manifest(self) -> dict[str, Any]:
-        """Rebuild the manifest's shard and stage tables from the status records (drivers only)."""
-        m = self.read_manifest() if self.exists() else self._empty_manifest()
+        """Rebuild the manifest's shard and stage tables from the status records (drivers only).
+
+        A manifest that cannot be read is rebuilt from scratch: it holds nothing the status
+        records do not (its ``created`` time is the only loss).
+        """
+        try:
+            m = self.read_manifest() if self.exists() else self._empty_manifest()
+        except StoreError:
+            m = self._empty_manifest()
         shards = {}
         for shard, rec in self.completed("ingest").items():
             shards[shard] = {
@@ -284,6 +362,22 @@ class Store:
         m["stages"] = stages
         self.write_manifest(m)
         return m
+
+
+def _load_record(url: str) -> dict[str, Any]:
+    """A JSON record file (status record, stage config) as a dict; a `StoreError` naming the
+    file when it is not one."""
+    text = fs.read_bytes(url)
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        rec = e
+    if not isinstance(rec, dict):
+        why = f"not valid JSON ({rec})" if isinstance(rec, ValueError) else "not a JSON object"
+        raise StoreError(
+            f"{url} is {why}; 'alphaset manifest repair' removes it so the shard is redone"
+        )
+    return rec
 
 
 def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:

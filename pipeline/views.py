@@ -25,16 +25,15 @@ SQL's ``least``/``greatest``; a column name that is not a plain identifier needs
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import __version__, fs
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError, now_iso
 
 VIEWS_DIR = "views"
@@ -192,24 +191,50 @@ def _rewrite_minmax(expr: str) -> str:
     return "".join(out)
 
 
+MAX_WHERE = 10_000  # characters; a filter longer than this is a mistake (a pasted file?)
+# SQL aggregates: in a row filter they would compare each row with a whole-column value.
+_AGGREGATE = re.compile(
+    r"\b(sum|avg|mean|count|min|max|median|stddev|stddev_samp|variance|var_samp|first|last|"
+    r"array_agg|string_agg|quantile_cont|quantile_disc|bit_and|bit_or|bool_and|bool_or)\s*\(",
+    re.IGNORECASE,
+)
+
+
+def _unquoted(expr: str) -> str:
+    """``expr`` with every quoted literal or identifier blanked out (for keyword checks)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", lambda m: " " * len(m.group(0)), expr)
+
+
 def filter_table(df: pl.DataFrame, where: str) -> pl.DataFrame:
     """Rows of ``df`` where the SQL expression ``where`` is true (null counts as false)."""
     columns = ", ".join(df.columns)
     if not where or not where.strip():
-        raise ValueError(f"empty --where expression; columns: {columns}")
+        raise UserError(f"empty --where expression; columns: {columns}")
+    if len(where) > MAX_WHERE:
+        raise UserError(
+            f"--where is {len(where)} characters long (at most {MAX_WHERE}); "
+            "select with a shorter expression"
+        )
+    rewritten = _rewrite_minmax(where)
+    agg = _AGGREGATE.search(_unquoted(rewritten))
+    if agg:
+        raise UserError(
+            f"--where {where[:80]!r}: {agg.group(1)}(...) aggregates a whole column; a view "
+            "filters rows one by one (two-argument min(a, b) / max(a, b) compare within a row)"
+        )
     try:
-        expr = pl.sql_expr(_rewrite_minmax(where))
+        expr = pl.sql_expr(rewritten)
         return df.filter(expr)
     except pl.exceptions.ColumnNotFoundError as e:
         m = re.search(r'column "?([^"\s;]+)"?', str(e))
         name = m.group(1) if m else ""
         hint = next((f" (made by '{v}')" for k, v in _PRODUCERS.items() if name.startswith(k)), "")
-        raise ValueError(
+        raise UserError(
             f"unknown column {name!r}{hint} in --where {where!r}; columns: {columns}"
         ) from None
     except (pl.exceptions.PolarsError, TypeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
+        raise UserError(
             f"bad --where expression {where!r} ({reason}); columns: {columns}"
         ) from None
 
@@ -221,7 +246,7 @@ def view_url(store: Store, name: str) -> str:
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name) or name.endswith(".parquet"):
-        raise ValueError(
+        raise UserError(
             f"bad view name {name!r}: use letters, digits, '_', '-', '.', not starting with '_' or '.'"
         )
 
@@ -277,7 +302,7 @@ def _read_view_file(store: Store, name: str) -> pa.Table:
     if not fs.exists(url):
         have = ", ".join(view_names(store)) or "none"
         raise StoreError(f"no view {name!r} in {store.root} (views: {have})")
-    return pq.read_table(io.BytesIO(fs.read_bytes(url)))
+    return fs.read_parquet(url)
 
 
 def read_view(store: Store, name: str) -> pa.Table:
