@@ -497,9 +497,12 @@ class _Placement:
             f"--gpus-per-worker {self.spec.gpus_per_worker:g}"
         )
         if fit == 0 and running == 0:
-            where = f"the Ray cluster at {cluster_address()} ({nodes})"
             if is_embedded():
-                raise UserError(f"{where} is not enough for {need}")
+                raise UserError(
+                    f"the embedded local Ray ({nodes}) is not enough for {need}; attach to a "
+                    "cluster with --ray-address or RAY_ADDRESS"
+                )
+            where = f"the Ray cluster at {cluster_address()} ({nodes})"
             self.none_since = self.none_since or now
             if now - self.none_since > self.spec.placement_timeout:
                 raise UserError(

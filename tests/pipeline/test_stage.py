@@ -153,7 +153,9 @@ def test_place_workers_without_ray_follows_this_machine():
         place_workers(-1, None, use_ray=True)  # before any Ray starts
 
 
-def test_workers_beyond_the_cluster_wait_and_none_placeable_fails(store, ray_local, caplog):
+def test_workers_beyond_the_cluster_wait_and_none_placeable_fails(
+    store, ray_local, caplog, monkeypatch
+):
     """More workers than the cluster holds: all are asked for, the stage runs on those placed
     (with a warning) and finishes. Workers no node can hold: an error after the placement
     timeout (on a cluster an autoscaler may add a node), not a wait forever."""
@@ -179,6 +181,11 @@ def test_workers_beyond_the_cluster_wait_and_none_placeable_fails(store, ray_loc
     other.stage, other.gpus_per_worker, other.placement_timeout = "scores/gpu", 1.0, 1.0
     with pytest.raises(UserError, match=r"could hold one worker with --cpus-per-worker 1 "
                        r"--gpus-per-worker 1 for 1 s"):  # fmt: skip
+        run_stage(store, other, progress=False)
+    # on a Ray this process started itself no node will ever join: fail at once
+    monkeypatch.setattr("pipeline.cluster._embedded", True)
+    other.placement_timeout = 3600.0
+    with pytest.raises(UserError, match=r"the embedded local Ray \(1 node\(s\), 2 CPU\(s\), 0 GPU"):
         run_stage(store, other, progress=False)
 
 
