@@ -30,22 +30,27 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 STAGE = "scores/nodes"
-SHARDS = 24
-SECONDS_PER_SHARD = 2.0
+SHARDS = 16
+SECONDS_PER_SHARD = 1.5
 
 
 class NodeTagWorker:
-    """Per shard: wait ``seconds`` (the model's work), write key + node rows, record the node."""
+    """Per shard: wait ``seconds`` (the model's work), write key + node rows, record the node.
+    While the file ``gate`` exists, workers of the first nodes hold their next shard, so shards
+    are still pending when a joining node's worker gets ready, however slowly the node starts."""
 
-    def __init__(self, store: str, seconds: float):
+    def __init__(self, store: str, seconds: float, gate: str):
         from pipeline.store import Store
 
-        self.store, self.seconds = Store(store), seconds
+        self.store, self.seconds, self.gate = Store(store), seconds, gate
         self.node = os.environ.get("ALPHASET_TEST_NODE", "?")
 
     def __call__(self, shard: str) -> dict:
         from pipeline import fs
 
+        deadline = time.monotonic() + 90
+        while self.node != "c" and os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.2)
         time.sleep(self.seconds)
         keys = self.store.ok_keys(shard)
         table = pa.table(
@@ -54,6 +59,10 @@ class NodeTagWorker:
         checksum = fs.write_parquet(self.store.url(STAGE, f"{shard}.parquet"), table)
         rec = {"rows": len(keys), "ok": len(keys), "errors": 0, "checksum": checksum}
         return self.store.write_status(STAGE, shard, {**rec, "node": self.node})
+
+
+def gate_path(store: str) -> str:
+    return os.path.join(os.path.dirname(store), "gate")
 
 
 def drive(store: str, workers: int) -> None:
@@ -67,7 +76,7 @@ def drive(store: str, workers: int) -> None:
     spec = StageSpec(
         stage=STAGE,
         worker_cls=NodeTagWorker,
-        worker_kwargs={"store": store, "seconds": SECONDS_PER_SHARD},
+        worker_kwargs={"store": store, "seconds": SECONDS_PER_SHARD, "gate": gate_path(store)},
         settings={"seconds": SECONDS_PER_SHARD},
         workers=workers,
     )
@@ -214,8 +223,17 @@ def test_a_node_lost_and_a_node_joining_mid_stage(cluster, small_store, tmp_path
             tmp_path / "driver.log"
         ).read_text()[-3000:]
         time.sleep(0.2)
+    gate = Path(gate_path(small_store.root))
+    gate.touch()  # the first nodes hold their next shard until c has done one
     cluster.kill_raylet("b")
     cluster.start_node("c")
+    deadline = time.monotonic() + 90
+    while not any(json.loads(p.read_text()).get("node") == "c" for p in status.glob("0*.json")):
+        assert driver.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "driver.log"
+        ).read_text()[-3000:]
+        time.sleep(0.3)
+    gate.unlink()
     out, _ = driver.communicate(timeout=120)
     errors = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, errors[-3000:]
