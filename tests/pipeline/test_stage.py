@@ -3,6 +3,7 @@ report failures, resume."""
 
 import os
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -214,6 +215,30 @@ def test_workers_that_cannot_load_fail_the_shards_after_bounded_tries(store, ray
     assert (
         "worker failed to start: RuntimeError: no weights in /models/missing" in s.failed["000000"]
     )
+
+
+class SlowStartWorker(KeyLengthWorker):
+    """The first instance takes ``load_seconds`` to load its model; the others load at once."""
+
+    def __init__(self, store: str, marker: str, load_seconds: float):
+        super().__init__(store)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(load_seconds)
+
+
+def test_shards_go_only_to_workers_that_have_loaded(store, ray_local, tmp_path):
+    """One worker still loading must not sit on a shard: the ready one does them all."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sp = spec(store)
+    sp.worker_cls = SlowStartWorker
+    sp.worker_kwargs.update(marker=str(tmp_path / "slow"), load_seconds=120.0)
+    start = time.monotonic()
+    s = run_stage(store, sp, progress=False)
+    assert sorted(s.done) == ["000000", "000001", "000002"] and s.ok
+    assert time.monotonic() - start < 60  # not waiting for the slow one's load
 
 
 def test_ray_stage_with_more_workers_than_cpus_finishes(store, ray_local):
