@@ -195,8 +195,8 @@ def stats(store: Store) -> dict[str, Any]:
 
 
 def _removed_by_threshold(records) -> dict[str, int]:
-    """Rows each dedup threshold removes, summed over the shards' status records (in the
-    records' order: exact, phash<=T…, semantic>=T…, all); empty for other stages."""
+    """Rows each dedup threshold removes (``{"phash<=8": n, …}``), summed over the shards'
+    status records; empty for other stages. `curation.dedup.removed_line` orders them."""
     out: dict[str, int] = {}
     for r in records:
         for label, n in (r.get("removed_by_threshold") or {}).items():
