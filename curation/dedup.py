@@ -346,8 +346,22 @@ def exact_pairs(digests: list[str | None]) -> Pairs:
 
 
 # ---- groups ---------------------------------------------------------------------------------
+def keep_order(aesthetic: np.ndarray, pixels: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Rows in keep-priority order: highest aesthetic (null lowest), most pixels, smallest key."""
+    n = len(keys)
+    aes = np.where(np.isnan(aesthetic), -np.inf, aesthetic)
+    key_rank = np.empty(n, dtype=np.int64)
+    key_rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(n)
+    return np.lexsort((key_rank, -pixels, -aes))
+
+
 def group_duplicates(
-    n: int, pairs: dict[str, Pairs], aesthetic: np.ndarray, pixels: np.ndarray, keys: list[str]
+    n: int,
+    pairs: dict[str, Pairs],
+    aesthetic: np.ndarray,
+    pixels: np.ndarray,
+    keys: list[str],
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str | None], np.ndarray]:
     """Duplicate groups formed around kept images → (keeper index per row, dup_kind per row,
     dup_score per row); a kept (or lone) row has keeper == itself and dup_kind None.
@@ -374,11 +388,10 @@ def group_duplicates(
         same_phash, phash.i[~same_hash], phash.j[~same_hash], phash.score[~same_hash]
     )
     sem_links = _class_links(byte_copy, semantic.i, semantic.j, semantic.score)
-    # Keep-priority order; rows with no copy and no link are kept alone and not visited.
-    aes = np.where(np.isnan(aesthetic), -np.inf, aesthetic)
-    key_rank = np.empty(n, dtype=np.int64)
-    key_rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(n)
-    order = np.lexsort((key_rank, -pixels, -aes))
+    # Keep-priority order (``order``: `keep_order`, given when grouping the same rows again);
+    # rows with no copy and no link are kept alone and not visited.
+    if order is None:
+        order = keep_order(aesthetic, pixels, keys)
     linked = (same_phash.size[same_phash.label] > 1) | (ph_links.degree[same_phash.label] > 0)
     linked |= sem_links.degree[byte_copy.label] > 0
     keeper = np.arange(n, dtype=np.int64)
@@ -478,10 +491,10 @@ def removed_by_threshold(
     semantic threshold counts its own links plus the byte copies; only thresholds at least as
     strict as the configured one can be told from the pairs found. ``"exact"`` is byte copies
     alone; ``"all"`` is what this run wrote."""
-    rows = np.arange(n)
+    rows, order = np.arange(n), keep_order(aesthetic, pixels, keys)
 
     def removed(parts: dict[str, Pairs]) -> np.ndarray:
-        return group_duplicates(n, parts, aesthetic, pixels, keys)[0] != rows
+        return group_duplicates(n, parts, aesthetic, pixels, keys, order)[0] != rows
 
     exact = pairs.get("exact", Pairs.empty())
     out = {"exact": removed({"exact": exact})}
