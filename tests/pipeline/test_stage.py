@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.ingest.folder import ingest_folder
 from pipeline.stage import StageSpec, run_stage
 from pipeline.store import Store, StoreError
@@ -150,7 +151,7 @@ def test_place_workers_without_ray_follows_this_machine():
 
     assert place_workers(0.25, None, use_ray=False) == 0.25
     assert place_workers(None, None, use_ray=False) == (1.0 if torch.cuda.is_available() else 0.0)
-    with pytest.raises(ValueError, match="--gpus-per-worker must be >= 0"):
+    with pytest.raises(UserError, match="--gpus-per-worker must be >= 0"):
         place_workers(-1, None, use_ray=True)  # before any Ray starts
 
 
