@@ -35,7 +35,9 @@ def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_A
     Ray retries an unreachable address for minutes (with C++ warnings) and rejects an
     ``http://`` address with a multi-line message. So the address is checked first (an HTTP URL
     is the dashboard / job-submission address, not the cluster's), the host:port is probed with
-    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds.
+    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds. ``source``
+    (--ray-address, RAY_ADDRESS, `ray start`'s address file) is named in every message, and a
+    refused token says how to pass one.
     """
     import ray
 
@@ -63,7 +65,7 @@ def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_A
                 else (e.strerror or str(e)).lower()
             )
             raise UserError(
-                f"cannot reach the Ray cluster at {address} ({why}), from {source}; start it with "
+                f"cannot reach the Ray cluster at {address} ({why}), given by {source}; start it with "
                 "'ray start --head', fix the address, or use an embedded local Ray with "
                 "--ray-address local"
             ) from None
@@ -90,7 +92,7 @@ def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_A
     if thread.is_alive():
         connect_hung.set()
         raise UserError(
-            f"the Ray cluster at {address} ({source}) did not answer within {timeout:g} s "
+            f"the Ray cluster at {address} (given by {source}) did not answer within {timeout:g} s "
             "(--ray-timeout); is it a Ray GCS address (port 6379 by default), and does this "
             f"client hold its token? {_HOW}"
         )
@@ -111,7 +113,7 @@ def _attach_error(address: str, source: str, e: BaseException) -> str:
         why = "it refused this client's auth token (none, or a wrong one)"
     else:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"cannot attach to the Ray cluster at {address} ({source}): {why}. {_HOW}"
+    return f"cannot attach to the Ray cluster at {address} (given by {source}): {why}. {_HOW}"
 
 
 def _resolve_address(address: str | None) -> tuple[str | None, str]:
@@ -126,7 +128,7 @@ def _resolve_address(address: str | None) -> tuple[str | None, str]:
     from ray._private.utils import read_ray_address
 
     found = read_ray_address()
-    return (found, "started on this machine with `ray start`") if found else (None, "")
+    return (found, "the address file `ray start` wrote on this machine") if found else (None, "")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

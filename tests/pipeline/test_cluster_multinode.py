@@ -272,7 +272,10 @@ def test_a_client_without_the_token_gets_one_line(cluster, small_store, tmp_path
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("alphaset caption: error: cannot attach to the Ray cluster at "), line
-    assert "(started on this machine with `ray start`): it refused this client's auth token" in line
+    assert (
+        "(given by the address file `ray start` wrote on this machine): it refused this client's auth token"
+        in line
+    )
     assert "RAY_AUTH_TOKEN=<token>" in line and "--ray-address local" in line
     assert not os.path.exists(small_store.url("captions"))
 
@@ -286,7 +289,10 @@ def test_the_cluster_address_comes_from_the_flag_then_the_environment(monkeypatc
     assert _resolve_address("local") == (None, "--ray-address local")
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.9:6379")
-    assert _resolve_address(None) == ("10.0.0.9:6379", "started on this machine with `ray start`")
+    assert _resolve_address(None) == (
+        "10.0.0.9:6379",
+        "the address file `ray start` wrote on this machine",
+    )
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert _resolve_address(None) == ("10.0.0.1:6379", "RAY_ADDRESS")
     assert _resolve_address("10.0.0.2:6379") == ("10.0.0.2:6379", "--ray-address")
