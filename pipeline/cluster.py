@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
 from pipeline.errors import UserError
@@ -27,6 +29,11 @@ def set_ray_timeout(seconds: float) -> None:
     if not seconds > 0:
         raise UserError(f"--ray-timeout must be > 0 seconds, got {seconds:g}")
     _timeout = float(seconds)
+
+
+class _DropSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_ADDRESS") -> None:
@@ -65,17 +72,25 @@ def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_A
                 else (e.strerror or str(e)).lower()
             )
             raise UserError(
-                f"cannot reach the Ray cluster at {address} ({why}), given by {source}; start it with "
-                "'ray start --head', fix the address, or use an embedded local Ray with "
+                f"cannot reach the Ray cluster at {address} ({why}), given by {source}; start "
+                "it with 'ray start --head', fix the address, or use an embedded local Ray with "
                 "--ray-address local"
             ) from None
     failure: list[BaseException] = []
 
     def init() -> None:
         try:
-            ray.init(address=address, log_to_driver=True, logging_level=logging.ERROR)
+            ray.init(address=address, log_to_driver=True)
         except BaseException as e:  # handed to the caller below
             failure.append(e)
+
+    # ray.init runs in a thread so that it can time out. Ray sets its SIGTERM handler (exit, so
+    # clean-up runs) only from the main thread and warns otherwise: set the same one here.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    quiet = _DropSigtermWarning()
+    ray_log = logging.getLogger("ray._private.worker")
+    ray_log.addFilter(quiet)
 
     # Ray's C++ client logs every failed connection attempt; our one line says it instead.
     saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
@@ -85,6 +100,7 @@ def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_A
         thread.start()
         thread.join(timeout)
     finally:
+        ray_log.removeFilter(quiet)
         if saved is None:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
         else:

@@ -298,7 +298,7 @@ def run_stage(
 
     start = time.perf_counter()
     store.require()
-    pending_shards(store, spec)  # 1. check the shard list before writing anything
+    pending_shards(store, spec, options=RunOptions())  # 1. check the shard list, write nothing
     with store.lease(spec.stage) as lease:
         # 2. under the lease: clear what crashed runs of this stage left, record the settings
         for line in clean_stage(store, spec.stage):
