@@ -353,5 +353,5 @@ def test_every_duplicate_is_within_the_threshold_of_its_dup_of(scored_store, cap
     assert sem == sorted(sem, reverse=True) and sem[0] > sem[-1]
     assert main(["manifest", "stats", "--store", scored_store.root]) == 0
     out = capsys.readouterr().out
-    assert f"removes: exact 1 " in out and f"semantic>=0.95 {sem[0]} " in out, out
+    assert "removes: exact 1 " in out and f"semantic>=0.95 {sem[0]} " in out, out
     assert f"all {len(dups)} ({len(dups) / 10:.1%})" in out
