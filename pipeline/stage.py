@@ -119,8 +119,13 @@ def stage_args(args: argparse.Namespace) -> dict[str, Any]:
         shards = _shard_list(shards)
     if shards is not None and getattr(args, "store", None):
         check_shards(Store(args.store), shards)
-    set_run_options(RunOptions(retry_errors=args.retry_errors, verify_done=args.verify_done))
-    if args.ray_timeout is not None:
+    set_run_options(
+        RunOptions(
+            retry_errors=getattr(args, "retry_errors", False),
+            verify_done=getattr(args, "verify_done", False),
+        )
+    )
+    if getattr(args, "ray_timeout", None) is not None:
         set_ray_timeout(args.ray_timeout)
     return {
         "workers": args.workers,

@@ -519,6 +519,13 @@ def test_temp_leftovers_are_removed_by_the_next_run(staged):
     run_stage(store, keys_stage(store), progress=False, use_ray=False)
     assert not any(p.exists() for p in leftovers)
     assert verify(store)["warnings"] == []
+    # repair deletes nothing: it moves a leftover aside
+    leftovers[0].write_bytes(b"partial")
+    info = repair(store)
+    assert not leftovers[0].exists()
+    assert (
+        Path(store.root, info["quarantine"], "images", leftovers[0].name).read_bytes() == b"partial"
+    )
 
 
 def test_verbose_after_the_subcommand(staged, capsys):
