@@ -28,9 +28,11 @@ Example: alphaset score --store ./store --clip clip-vit-l-14 \\
 DEDUP_EPILOG = """\
 Reads:  STORE/meta (sha256), STORE/scores/<tag> (phash, clip_aesthetic), STORE/embeddings/<tag>.
 Writes: STORE/scores/dedup/NNNNNN.parquet  key, dup_of, dup_kind (exact|phash|semantic), dup_score, error
-        (+ status records). Each duplicate group keeps its highest-aesthetic image (then the largest,
-        then the smallest key); the others get dup_of = the kept key. Global: reruns completely when
-        an input shard or a setting changed, does nothing otherwise. Filter with 'dup_of is null'.
+        (+ status records). Images are visited best first (highest aesthetic, then the largest,
+        then the smallest key); each one not yet taken is kept and takes the untaken images within
+        a threshold of it (dup_of = the kept key: no chains). 'manifest stats' shows how many
+        images each threshold removes. Global: reruns completely when an input shard or a setting
+        changed, does nothing otherwise. Filter with 'dup_of is null'.
 Thresholds: phash distance 8 of 64 bits (resized/re-compressed copies measure 0, crops of 2-3 %
         per side 4-8, distinct photos >= 24); cosine 0.95 for ViT-L/14-class embeddings.
 Search: a range search (neighbours within the threshold, the 64 strongest per image; identical

@@ -2,12 +2,14 @@
 whole store → ``scores/dedup/<shard>.parquet`` (key, dup_of, dup_kind, dup_score, error).
 
 Pairs come from three detectors: the same meta ``sha256`` (exact), a phash Hamming distance
-``<= phash_threshold`` (near) and an embedding cosine ``>= semantic_threshold`` (semantic). Pairs
-are edges; connected components of that graph are the duplicate groups (what a union-find gives,
-computed with scipy's sparse ``connected_components``). Each group keeps one image — highest
-``clip_aesthetic``, then most pixels, then smallest key — and every other member gets ``dup_of`` =
-the kept key, ``dup_kind`` = its strongest link (exact > phash > semantic) and ``dup_score`` = that
-link's similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic).
+``<= phash_threshold`` (near) and an embedding cosine ``>= semantic_threshold`` (semantic). Groups
+form around kept images, not as connected components (which chain A~B~C into one group however
+far A is from C): images are visited in keep-priority order — highest ``clip_aesthetic``, then
+most pixels, then smallest key — and each one not yet assigned is kept and takes as duplicates
+the unassigned images linked *to it* (`group_duplicates`). So every duplicate is within the
+threshold of its ``dup_of``; ``dup_kind`` is that link's kind (exact > phash > semantic) and
+``dup_score`` its similarity (1.0 exact, 1 − hamming/64 for phash, the cosine for semantic). The
+status records count how many rows each (stricter) threshold would remove, for `manifest stats`.
 
 Neighbour search is a range search — the neighbours within the threshold, the ``MAX_LINKS``
 strongest per image, identical hashes and byte copies searched once, so a group of m copies costs
@@ -60,6 +62,9 @@ TRAIN_PER_CELL = 64
 # Links kept per image, its strongest: a group of m near-copies (placeholder images, memes) would
 # otherwise give m²/2 pairs; 64 links per member still join the group.
 MAX_LINKS = 64
+# Semantic thresholds (stricter than the configured one) whose removal counts dedup records, so
+# `manifest stats` shows what tightening the threshold would keep.
+SEMANTIC_SWEEP = (0.9, 0.95, 0.97, 0.98, 0.99)
 
 
 @dataclass
@@ -341,43 +346,174 @@ def exact_pairs(digests: list[str | None]) -> Pairs:
 
 
 # ---- groups ---------------------------------------------------------------------------------
-def group_duplicates(
-    n: int, pairs: dict[str, Pairs], aesthetic: np.ndarray, pixels: np.ndarray, keys: list[str]
-) -> tuple[np.ndarray, list[str | None], np.ndarray]:
-    """Components of the pair graph → (keeper index per row, dup_kind per row, dup_score per row).
-
-    A row that is its group's keeper (or alone) has keeper == itself and dup_kind None.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    ii = np.concatenate([p.i for p in pairs.values()] + [np.zeros(0, np.int64)])
-    jj = np.concatenate([p.j for p in pairs.values()] + [np.zeros(0, np.int64)])
-    graph = coo_matrix((np.ones(len(ii), dtype=np.int8), (ii, jj)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    # Keeper: highest aesthetic (null lowest), then most pixels, then smallest key.
+def keep_order(aesthetic: np.ndarray, pixels: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Rows in keep-priority order: highest aesthetic (null lowest), most pixels, smallest key."""
+    n = len(keys)
     aes = np.where(np.isnan(aesthetic), -np.inf, aesthetic)
     key_rank = np.empty(n, dtype=np.int64)
     key_rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(n)
-    order = np.lexsort((key_rank, -pixels, -aes, label))  # sorted by group, best first
-    first = np.ones(n, dtype=bool)
-    first[1:] = label[order][1:] != label[order][:-1]
-    keeper_of_label = np.empty(label.max() + 1 if n else 0, dtype=np.int64)
-    keeper_of_label[label[order][first]] = order[first]
-    keeper = keeper_of_label[label] if n else np.zeros(0, np.int64)
-    # Strongest link of each row: kind priority, then similarity.
-    best = np.full(n, -1.0)
-    for kind, p in pairs.items():
-        val = _PRIORITY[kind] * 10.0 + p.score.astype(np.float64)
-        np.maximum.at(best, p.i, val)
-        np.maximum.at(best, p.j, val)
+    return np.lexsort((key_rank, -pixels, -aes))
+
+
+def group_duplicates(
+    n: int,
+    pairs: dict[str, Pairs],
+    aesthetic: np.ndarray,
+    pixels: np.ndarray,
+    keys: list[str],
+    order: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[str | None], np.ndarray]:
+    """Duplicate groups formed around kept images → (keeper index per row, dup_kind per row,
+    dup_score per row); a kept (or lone) row has keeper == itself and dup_kind None.
+
+    Rows are visited in keep-priority order — highest aesthetic (null lowest), then most pixels,
+    then smallest key. A row not yet assigned is kept, and every not-yet-assigned row within a
+    threshold *of it* becomes its duplicate (SemDeDup's rule, over the whole store rather than per
+    k-means cell: the IVF range search already crossed the cells). A duplicate never recruits
+    others, so A~B and B~C with A and C far apart keep C: no chains, unlike connected components.
+
+    Links reach further than the pair list through copies, which are exact equalities and cannot
+    chain: byte copies (same sha256) have the same embedding, so a semantic link of one holds for
+    all; images with the same phash (or byte copies) are at the same Hamming distance from any
+    other. That matters because identical hashes and byte copies are searched once (a star from
+    the first copy), and because at most MAX_LINKS links per image are kept: a swarm larger than
+    that may keep more than one image, each with duplicates within the threshold.
+    """
+    empty = Pairs.empty()
+    exact, phash, semantic = (pairs.get(k, empty) for k in KINDS)
+    same_hash = phash.score >= 1.0  # identical hashes (distinct ones are >= 1 bit apart)
+    byte_copy = _classes(n, [exact])
+    same_phash = _classes(n, [exact, Pairs(phash.i[same_hash], phash.j[same_hash], phash.score)])
+    ph_links = _class_links(
+        same_phash, phash.i[~same_hash], phash.j[~same_hash], phash.score[~same_hash]
+    )
+    sem_links = _class_links(byte_copy, semantic.i, semantic.j, semantic.score)
+    # Keep-priority order (``order``: `keep_order`, given when grouping the same rows again);
+    # rows with no copy and no link are kept alone and not visited.
+    if order is None:
+        order = keep_order(aesthetic, pixels, keys)
+    linked = (same_phash.size[same_phash.label] > 1) | (ph_links.degree[same_phash.label] > 0)
+    linked |= sem_links.degree[byte_copy.label] > 0
+    keeper = np.arange(n, dtype=np.int64)
+    best = np.full(n, -1.0)  # kind priority * 10 + similarity of the link to the keeper
+    assigned = np.zeros(n, dtype=bool)
+    for r in order[linked[order]]:
+        if assigned[r]:
+            continue
+        assigned[r] = True
+        # candidates: (rows, kind priority * 10 + similarity to r)
+        rows = [byte_copy.members(byte_copy.label[r]), same_phash.members(same_phash.label[r])]
+        vals = [np.full(len(rows[0]), 31.0), np.full(len(rows[1]), 21.0)]
+        for links, classes, prio in ((ph_links, same_phash, 20.0), (sem_links, byte_copy, 10.0)):
+            other, score = links.of(classes.label[r])
+            for c, s in zip(other.tolist(), score.tolist(), strict=True):
+                m = classes.members(c)
+                rows.append(m)
+                vals.append(np.full(len(m), prio + s))
+        cand, val = np.concatenate(rows), np.concatenate(vals)
+        free = ~assigned[cand]
+        cand, val = cand[free], val[free]
+        if len(cand):
+            np.maximum.at(best, cand, val)  # the strongest link of each to r
+            keeper[cand] = r
+            assigned[cand] = True
     kinds: list[str | None] = [None] * n
     scores = np.full(n, np.nan, dtype=np.float32)
     names = {v: k for k, v in _PRIORITY.items()}
     for r in np.nonzero(keeper != np.arange(n))[0]:
-        kinds[r] = names[int(best[r] // 10)]
-        scores[r] = best[r] - 10.0 * (best[r] // 10)
+        prio = min(int(best[r] // 10), 3)  # 31 (a byte copy) is exact, score 1
+        kinds[r] = names[prio]
+        scores[r] = best[r] - 10.0 * prio
     return keeper, kinds, scores
+
+
+@dataclass
+class _Classes:
+    """Equivalence classes of rows (components of equality links): label per row, members."""
+
+    label: np.ndarray  # (n,) class id
+    size: np.ndarray  # (classes,)
+    _order: np.ndarray  # rows sorted by class
+    _start: np.ndarray  # (classes + 1,) offsets into _order
+
+    def members(self, c: int) -> np.ndarray:
+        return self._order[self._start[c] : self._start[c + 1]]
+
+
+def _classes(n: int, parts: list[Pairs]) -> _Classes:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ii = np.concatenate([p.i for p in parts] + [np.zeros(0, np.int64)])
+    jj = np.concatenate([p.j for p in parts] + [np.zeros(0, np.int64)])
+    graph = coo_matrix((np.ones(len(ii), dtype=np.int8), (ii, jj)), shape=(n, n))
+    k, label = connected_components(graph, directed=False) if n else (0, np.zeros(0, np.int64))
+    size = np.bincount(label, minlength=k)
+    start = np.concatenate([[0], np.cumsum(size)])
+    return _Classes(label, size, np.argsort(label, kind="stable"), start)
+
+
+@dataclass
+class _Links:
+    """Symmetric links between classes, as CSR: the classes linked to c and the similarities."""
+
+    degree: np.ndarray
+    _other: np.ndarray
+    _score: np.ndarray
+    _start: np.ndarray
+
+    def of(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        sl = slice(self._start[c], self._start[c + 1])
+        return self._other[sl], self._score[sl]
+
+
+def _class_links(classes: _Classes, i: np.ndarray, j: np.ndarray, score: np.ndarray) -> _Links:
+    a, b = classes.label[i], classes.label[j]
+    keep = a != b
+    src = np.concatenate([a[keep], b[keep]])
+    dst = np.concatenate([b[keep], a[keep]])
+    s = np.concatenate([score[keep], score[keep]]).astype(np.float64)
+    order = np.argsort(src, kind="stable")
+    degree = np.bincount(src, minlength=len(classes.size))
+    start = np.concatenate([[0], np.cumsum(degree)])
+    return _Links(degree, dst[order], s[order], start)
+
+
+def removed_by_threshold(
+    n: int,
+    pairs: dict[str, Pairs],
+    aesthetic: np.ndarray,
+    pixels: np.ndarray,
+    keys: list[str],
+    cfg: DedupConfig,
+) -> dict[str, np.ndarray]:
+    """Which rows each threshold would remove: {label: (n,) bool}, e.g. ``"phash<=6"``. A phash or
+    semantic threshold counts its own links plus the byte copies; only thresholds at least as
+    strict as the configured one can be told from the pairs found. ``"exact"`` is byte copies
+    alone; ``"all"`` is what this run wrote."""
+    rows, order = np.arange(n), keep_order(aesthetic, pixels, keys)
+
+    def removed(parts: dict[str, Pairs]) -> np.ndarray:
+        return group_duplicates(n, parts, aesthetic, pixels, keys, order)[0] != rows
+
+    exact = pairs.get("exact", Pairs.empty())
+    out = {"exact": removed({"exact": exact})}
+    if "phash" in pairs:
+        p = pairs["phash"]
+        for t in sorted({cfg.phash_threshold, *range(0, cfg.phash_threshold, 2)}, reverse=True):
+            keep = p.score >= 1.0 - t / 64.0 - 1e-6
+            out[f"phash<={t}"] = removed(
+                {"exact": exact, "phash": Pairs(p.i[keep], p.j[keep], p.score[keep])}
+            )
+    if "semantic" in pairs:
+        p, t0 = pairs["semantic"], cfg.semantic_threshold
+        for t in sorted({t0, *(t for t in SEMANTIC_SWEEP if t > t0)}):
+            keep = p.score >= t
+            out[f"semantic>={t:g}"] = removed(
+                {"exact": exact, "semantic": Pairs(p.i[keep], p.j[keep], p.score[keep])}
+            )
+    out["all"] = removed(pairs)
+    return out
 
 
 # ---- the store-level entry ------------------------------------------------------------------
@@ -387,6 +523,7 @@ class DedupSummary:
     groups: int = 0
     duplicates: Counter = field(default_factory=Counter)  # by kind
     methods: dict[str, str] = field(default_factory=dict)  # kind -> exact | faiss-ivf
+    removed: dict[str, int] = field(default_factory=dict)  # threshold label -> rows removed
     unchanged: bool = False
     seconds: float = 0.0
     tag: str = ""
@@ -404,7 +541,23 @@ class DedupSummary:
                 out.append(
                     f"  {kind:<8} {self.duplicates.get(kind, 0):>8}   search: {self.methods[kind]}"
                 )
+        if self.removed:
+            out.append("  removed at each threshold: " + removed_line(self.removed, self.rows))
         return out
+
+
+def removed_line(removed: dict[str, int], rows: int) -> str:
+    """``{"phash<=8": 4, "exact": 1, …}`` → ``exact 1 (10.0%) · phash<=8 4 (40.0%) · …``: exact,
+    then each kind from its loosest threshold to its strictest, then all."""
+
+    def order(label: str) -> tuple[int, float]:
+        kind, _, t = label.partition("<=") if "<=" in label else label.partition(">=")
+        rank = {"exact": 0, "phash": 1, "semantic": 2}.get(kind, 3)
+        return rank, (-float(t) if kind == "phash" else float(t or 0))
+
+    return " · ".join(
+        f"{k} {removed[k]} ({removed[k] / max(rows, 1):.1%})" for k in sorted(removed, key=order)
+    )
 
 
 def score_tags(store: Store) -> list[str]:
@@ -486,6 +639,8 @@ def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
     is_dup = keeper != np.arange(n)
     summary.groups = len(set(keeper[is_dup].tolist()))
     summary.duplicates.update(k for k in kinds if k is not None)
+    sweep = removed_by_threshold(n, pairs, rows["aesthetic"], rows["pixels"], rows["key"], cfg)
+    summary.removed = {label: int(r.sum()) for label, r in sweep.items()}
     # 4. Write: the old config goes first, so a crash midway means 'changed' and a full rerun.
     fs.remove(fs.join(store.status_dir(STAGE), "config.json"))
     offset = 0
@@ -513,6 +668,8 @@ def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
                 "errors": n_err,
                 "errors_by_reason": dict(Counter("not scored" for e in rows["error"][sl] if e)),
                 "duplicates": sum(d is not None for d in dup_of),
+                # per threshold, this shard's rows it removes (summed by `manifest stats`)
+                "removed_by_threshold": {k: int(r[sl].sum()) for k, r in sweep.items()},
                 "checksum": checksum,
                 "output": f"{shard}.parquet",
                 "model": f"dedup over scores/{tag}",

@@ -1,5 +1,6 @@
-"""Ray connection: attach to a running cluster (RAY_ADDRESS, as under `ray job submit`, or
---ray-address) or start an embedded local Ray for a laptop run."""
+"""Ray connection: attach to a running cluster (--ray-address, RAY_ADDRESS as under `ray job
+submit`, or the cluster `ray start` left on this machine) or start an embedded local Ray for a
+laptop run (``--ray-address local`` forces that)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
+_embedded = False  # this process started its own Ray (no node will ever join it)
 DEFAULT_RAY_TIMEOUT = 30.0
 _timeout = DEFAULT_RAY_TIMEOUT
 # Set when a ray.init timed out and still runs in its thread: the CLI then exits at once rather
@@ -34,18 +36,20 @@ class _DropSigtermWarning(logging.Filter):
         return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
-def connect_ray(address: str, timeout: float | None = None) -> None:
+def connect_ray(address: str, timeout: float | None = None, source: str = "RAY_ADDRESS") -> None:
     """``ray.init(address=…)`` that fails with one line instead of hanging or printing pages.
 
     Ray retries an unreachable address for minutes (with C++ warnings) and rejects an
     ``http://`` address with a multi-line message. So the address is checked first (an HTTP URL
     is the dashboard / job-submission address, not the cluster's), the host:port is probed with
-    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds.
+    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds. ``source``
+    (--ray-address, RAY_ADDRESS, `ray start`'s address file) is named in every message, and a
+    refused token says how to pass one.
     """
     import ray
 
     timeout = _timeout if timeout is None else timeout
-    where = "--ray-address/RAY_ADDRESS"
+    where = source
     if address.startswith(("http://", "https://")):
         raise UserError(
             f"{where} {address} is an HTTP (dashboard/job submission) address; stage commands "
@@ -68,8 +72,9 @@ def connect_ray(address: str, timeout: float | None = None) -> None:
                 else (e.strerror or str(e)).lower()
             )
             raise UserError(
-                f"cannot reach the Ray cluster at {address} ({why}); start it with 'ray start --head', fix the address, or unset "
-                "RAY_ADDRESS to use an embedded local Ray"
+                f"cannot reach the Ray cluster at {address} ({why}), given by {source}; start "
+                "it with 'ray start --head', fix the address, or use an embedded local Ray with "
+                "--ray-address local"
             ) from None
     failure: list[BaseException] = []
 
@@ -103,34 +108,82 @@ def connect_ray(address: str, timeout: float | None = None) -> None:
     if thread.is_alive():
         connect_hung.set()
         raise UserError(
-            f"the Ray cluster at {address} did not answer within {timeout:g} s (--ray-timeout); "
-            "is it a Ray GCS address (port 6379 by default)?"
+            f"the Ray cluster at {address} (given by {source}) did not answer within {timeout:g} s "
+            "(--ray-timeout); is it a Ray GCS address (port 6379 by default), and does this "
+            f"client hold its token? {_HOW}"
         )
     if failure:
-        e = failure[0]
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot attach to the Ray cluster at {address}: {text}") from None
+        raise UserError(_attach_error(address, source, failure[0])) from None
+
+
+_HOW = (
+    "If it uses token auth, give this client its token (RAY_AUTH_MODE=token with "
+    "RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>); or run on an embedded Ray here with "
+    "--ray-address local"
+)
+
+
+def _attach_error(address: str, source: str, e: BaseException) -> str:
+    full = f"{e} {e.__cause__ or ''}"
+    if "InvalidAuthToken" in full or "Unauthenticated" in full:
+        why = "it refused this client's auth token (none, or a wrong one)"
+    else:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"cannot attach to the Ray cluster at {address} (given by {source}): {why}. {_HOW}"
+
+
+def _resolve_address(address: str | None) -> tuple[str | None, str]:
+    """(cluster address or None for an embedded Ray, where it came from): ``--ray-address``, else
+    RAY_ADDRESS, else the address file that `ray start` writes on this machine (Ray's own rule)."""
+    if address == "local":
+        return None, "--ray-address local"
+    if address:
+        return address, "--ray-address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    from ray._private.utils import read_ray_address
+
+    found = read_ray_address()
+    return (found, "the address file `ray start` wrote on this machine") if found else (None, "")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process. Without an address, start a local Ray sized to this machine."""
     import ray
 
+    global _embedded
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("attaching to Ray cluster at %s", address)
-        connect_ray(address)
+    address, source = _resolve_address(address)
+    if address is not None:
+        log.info("attaching to Ray cluster at %s (%s)", address, source)
+        connect_ray(address, source=source)
         return
     log.info("starting an embedded local Ray")
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
     )
+    _embedded = True
+
+
+def is_embedded() -> bool:
+    """Whether this process started the Ray it uses (so its nodes are all there will be)."""
+    return _embedded
+
+
+def cluster_address() -> str:
+    """The connected Ray's GCS address, for messages."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - only for a message
+        return "?"
 
 
 def place_workers(gpus_per_worker: float | None, address: str | None, use_ray: bool) -> float:

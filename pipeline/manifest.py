@@ -183,6 +183,9 @@ def stats(store: Store) -> dict[str, Any]:
             "errors": sum(int(r.get("errors", 0)) for r in done.values()),
             "errors_by_reason": dict(errs.most_common()),
         }
+        removed = _removed_by_threshold(done.values())
+        if removed:
+            entry["removed_by_threshold"] = removed
         kind = stage.split("/", 1)[0]
         if kind in ("scores", "captions"):
             table = _read_stage_frame(store, stage)
@@ -190,6 +193,16 @@ def stats(store: Store) -> dict[str, Any]:
                 entry["columns"] = _column_stats(table, kind, skip=set(out["sizes"]))
         stages[stage] = entry
     out["stages"] = stages
+    return out
+
+
+def _removed_by_threshold(records) -> dict[str, int]:
+    """Rows each dedup threshold removes (``{"phash<=8": n, …}``), summed over the shards'
+    status records; empty for other stages. `curation.dedup.removed_line` orders them."""
+    out: dict[str, int] = {}
+    for r in records:
+        for label, n in (r.get("removed_by_threshold") or {}).items():
+            out[label] = out.get(label, 0) + int(n)
     return out
 
 
@@ -238,6 +251,10 @@ def stats_lines(info: dict[str, Any]) -> list[str]:
         )
         for reason, n in s["errors_by_reason"].items():
             out.append(f"    error  {n:>7}  {reason}")
+        if s.get("removed_by_threshold"):
+            from curation.dedup import removed_line
+
+            out.append("    removes: " + removed_line(s["removed_by_threshold"], s["rows"]))
         for name, p in s.get("columns", {}).items():
             out.append(_pct_line(name, p, "    "))
     return out

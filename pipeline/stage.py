@@ -1,4 +1,5 @@
-"""The shard-stage runner: one input shard is one unit of work, run by a pool of Ray actors.
+"""The shard-stage runner: one input shard is one unit of work, run by an elastic pool of Ray
+actors (see `_run_ray`).
 
 A stage worker is a plain picklable class: ``__init__`` loads the model, ``__call__(shard)``
 reads image shard N, writes output shard N of the stage atomically, then its status record, and
@@ -26,6 +27,10 @@ from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+# Seconds a stage on a Ray cluster waits while no node can hold one of its workers (an autoscaler
+# may be starting one: cloud GPU nodes take minutes) before it fails.
+PLACEMENT_TIMEOUT = 600.0
 
 
 def add_stage_flags(p: argparse.ArgumentParser, worker: str = "model actors") -> None:
@@ -70,7 +75,8 @@ def add_stage_flags(p: argparse.ArgumentParser, worker: str = "model actors") ->
     p.add_argument(
         "--ray-address",
         default=None,
-        help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray)",
+        help="Ray cluster to attach to (default: RAY_ADDRESS, else one `ray start` runs on this "
+        "machine, else an embedded local Ray; 'local' always embeds)",
     )
     p.add_argument(
         "--ray-timeout",
@@ -157,6 +163,7 @@ class StageSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_retries: int = 2
+    placement_timeout: float = PLACEMENT_TIMEOUT  # see _Placement
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -215,7 +222,8 @@ class _Host:
     def run(self, shard: str) -> dict[str, Any]:
         return self.worker(shard)
 
-    def pid(self) -> int:
+    def ready(self) -> int:
+        """Returns once ``__init__`` (the model load) has: the pool hands shards only after it."""
         return os.getpid()
 
 
@@ -373,6 +381,11 @@ def _run_local(spec: StageSpec, todo: list[str], summary: StageSummary, finished
 def _run_ray(
     spec: StageSpec, todo: list[str], summary: StageSummary, finished, store: Store
 ) -> None:
+    """The elastic actor pool. All ``--workers`` actors are asked for at once, whether or not the
+    cluster holds them yet: Ray places what fits, and the rest wait as resource demand that an
+    autoscaler sees (and that a node joining later takes). A shard goes only to an actor whose
+    ``ready`` call has returned — its model is loaded — so a replacement still waiting for a node
+    never sits on one. An actor lost with its node is replaced; its shard is retried."""
     import ray
 
     from pipeline.cluster import init_ray
@@ -381,26 +394,58 @@ def _run_ray(
     Actor = ray.remote(
         num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0
     )(_Host)
-
-    def spawn():
-        return Actor.remote(spec.worker_cls, spec.worker_kwargs)
-
-    n = min(fitting_workers(spec.workers, spec.cpus_per_worker, spec.gpus_per_worker), len(todo))
-    actors = [spawn() for _ in range(n)]
-    idle = deque(range(n))
+    wanted = min(spec.workers, len(todo))
+    actors: list[Any] = [None] * wanted
+    loading: dict[Any, int] = {}  # ready ref -> slot
+    inflight: dict[Any, tuple[int, str]] = {}  # run ref -> (slot, shard)
+    idle: deque[int] = deque()
     pending = deque(todo)
     attempts: Counter = Counter()
-    inflight: dict[Any, tuple[int, str]] = {}
+    placement = _Placement(spec, wanted)
+    init_failures = 0
+
+    def spawn(slot: int) -> None:
+        actors[slot] = Actor.remote(spec.worker_cls, spec.worker_kwargs)
+        loading[actors[slot].ready.remote()] = slot
+
+    def drop(slot: int) -> None:
+        ray.kill(actors[slot], no_restart=True)
+        actors[slot] = None
+
+    for slot in range(wanted):
+        spawn(slot)
     last_refresh = time.monotonic()
     try:
         while pending or inflight:
             while idle and pending:
-                i = idle.popleft()
+                slot = idle.popleft()
                 shard = pending.popleft()
-                inflight[actors[i].run.remote(shard)] = (i, shard)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-            for ref in ready:
-                i, shard = inflight.pop(ref)
+                inflight[actors[slot].run.remote(shard)] = (slot, shard)
+            placement.check(running=len(idle) + len(inflight))
+            if not loading and not inflight and not idle:
+                for shard in pending:  # every worker failed to start, none left to try
+                    summary.failed[shard] = placement.start_error
+                return
+            done, _ = ray.wait([*inflight, *loading], num_returns=1, timeout=5.0)
+            for ref in done:
+                if ref in loading:
+                    slot = loading.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(slot)
+                    except ray.exceptions.RayActorError as e:
+                        drop(slot)
+                        if not e.actor_init_failed:  # lost with its node before it was ready
+                            log.warning("a worker was lost while loading; starting another")
+                            spawn(slot)
+                            continue
+                        init_failures += 1
+                        placement.start_error = f"worker failed to start: {_last_line(e)}"
+                        log.warning("%s", placement.start_error)
+                        if init_failures <= spec.max_retries:
+                            spawn(slot)
+                    continue
+                slot, shard = inflight.pop(ref)
                 try:
                     finished(shard, ray.get(ref))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
@@ -416,17 +461,92 @@ def _run_ray(
                         summary.failed[shard] = cause
                     else:
                         summary.retries += 1
-                        pending.appendleft(shard)  # next free actor takes it first
-                    if dead:  # replace the actor (a fresh process, model loaded again)
-                        ray.kill(actors[i], no_restart=True)
-                        actors[i] = spawn()
-                idle.append(i)
+                        pending.appendleft(shard)  # next ready actor takes it first
+                    if dead:  # a fresh process, placed wherever the cluster has room
+                        drop(slot)
+                        spawn(slot)
+                        continue
+                idle.append(slot)
             if time.monotonic() - last_refresh > 30:
                 store.refresh_manifest()
                 last_refresh = time.monotonic()
     finally:
         for a in actors:
-            ray.kill(a, no_restart=True)
+            if a is not None:
+                ray.kill(a, no_restart=True)
+
+
+class _Placement:
+    """Watches whether the cluster can hold the stage's workers (every few seconds, from the
+    nodes' total resources): warns while it holds fewer than asked, and fails the stage when no
+    node can hold even one — at once on the embedded local Ray (no node will ever join), after
+    ``spec.placement_timeout`` seconds on a cluster (an autoscaler may be starting nodes)."""
+
+    def __init__(self, spec: StageSpec, wanted: int):
+        self.spec, self.wanted = spec, wanted
+        self.reported: int | None = None  # capacity last warned about
+        self.none_since: float | None = None
+        self.next_check = 0.0
+        self.start_error = "worker failed to start"
+
+    def check(self, running: int) -> None:
+        from pipeline.cluster import cluster_address, is_embedded
+
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + 5.0
+        fit, nodes = workers_that_fit(self.spec.cpus_per_worker, self.spec.gpus_per_worker)
+        need = (
+            f"one worker with --cpus-per-worker {self.spec.cpus_per_worker:g} "
+            f"--gpus-per-worker {self.spec.gpus_per_worker:g}"
+        )
+        if fit == 0 and running == 0:
+            if is_embedded():
+                raise UserError(
+                    f"the embedded local Ray ({nodes}) is not enough for {need}; attach to a "
+                    "cluster with --ray-address or RAY_ADDRESS"
+                )
+            where = f"the Ray cluster at {cluster_address()} ({nodes})"
+            self.none_since = self.none_since or now
+            if now - self.none_since > self.spec.placement_timeout:
+                raise UserError(
+                    f"no node of {where} could hold {need} for "
+                    f"{self.spec.placement_timeout:g} s; add nodes or ask for less per worker"
+                )
+            if self.reported != 0:
+                log.warning(
+                    "no node of %s can hold %s yet; waiting up to %g s for nodes to join",
+                    where, need, self.spec.placement_timeout,
+                )  # fmt: skip
+        else:
+            self.none_since = None
+            if fit < self.wanted and fit != self.reported:
+                log.warning(
+                    "--workers %d: the Ray cluster (%s) holds %d worker(s) at once; the other %d "
+                    "wait for nodes to join (an autoscaler sees them as demand)",
+                    self.wanted, nodes, fit, self.wanted - fit,
+                )  # fmt: skip
+        self.reported = fit
+
+
+def workers_that_fit(cpus: float, gpus: float) -> tuple[int, str]:
+    """How many workers of ``cpus``/``gpus`` the live nodes hold at once (node by node: an actor
+    never spans nodes), and the nodes in words: "3 node(s), 6 CPU(s), 0 GPU(s)"."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = 0
+    for res in nodes:
+        per = [
+            int((res.get(k, 0.0) + 1e-9) // need)
+            for k, need in (("CPU", cpus), ("GPU", gpus))
+            if need > 0
+        ]
+        fit += min(per) if per else 1 << 30  # a worker that needs nothing always fits
+    total = {k: sum(r.get(k, 0.0) for r in nodes) for k in ("CPU", "GPU")}
+    words = f"{len(nodes)} node(s), {total['CPU']:g} CPU(s), {total['GPU']:g} GPU(s)"
+    return fit, words
 
 
 def _shard_list(text: str | None) -> list[str] | None:
@@ -456,32 +576,10 @@ def ranges(shards: list[str]) -> str:
     return _ranges(shards)
 
 
-def fitting_workers(wanted: int, cpus: float, gpus: float) -> int:
-    """How many of ``wanted`` workers the Ray cluster holds at once. An actor the cluster cannot
-    place waits forever, and so would the shards handed to it: ask for more than fit and the
-    stage runs fewer (with a warning); if not even one fits, that is an error. On an autoscaling
-    cluster, start the nodes first."""
-    import ray
-
-    total = ray.cluster_resources()
-    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    fit = wanted
-    if gpus > 0:
-        fit = min(fit, int(have_gpus // gpus + 1e-9))
-    if cpus > 0:
-        fit = min(fit, int(have_cpus // cpus + 1e-9))
-    if fit < 1:
-        raise UserError(
-            f"the Ray cluster has {have_cpus:g} CPU(s) and {have_gpus:g} GPU(s): not enough for one "
-            f"worker with --cpus-per-worker {cpus:g} --gpus-per-worker {gpus:g}"
-        )
-    if fit < wanted:
-        log.warning(
-            "--workers %d: the Ray cluster (%g CPUs, %g GPUs) holds %d worker(s) of %g CPU(s) and "
-            "%g GPU(s) at once; running %d",
-            wanted, have_cpus, have_gpus, fit, cpus, gpus, fit,
-        )  # fmt: skip
-    return fit
+def _last_line(e: BaseException) -> str:
+    """An actor's creation error ends with the worker's own exception, e.g. 'OSError: …'."""
+    text = str(e).strip().splitlines()
+    return text[-1].strip() if text else type(e).__name__
 
 
 def _one_line(e: BaseException) -> str:

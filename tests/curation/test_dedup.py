@@ -1,4 +1,5 @@
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -231,3 +232,126 @@ def test_big_groups_stay_linear_and_whole(exact_limit):
         np.array([0, 0, 0, 1]), np.array([3, 1, 2, 0]), np.array([0.5, 0.9, 0.9, 1]), 2
     )
     assert list(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 0)]
+
+
+# ---- groups around kept images: no chains ---------------------------------------------------
+def chain_vectors(cos: float = 0.97, dim: int = 64, others: int = 200, seed: int = 3):
+    """A, B, C at angles 0, θ, 2θ in one plane (cos θ = ``cos``: A~B and B~C, A and C at
+    cos 2θ = 2cos²θ − 1 ≈ 0.88), then ``others`` random unit vectors."""
+    rng = np.random.default_rng(seed)
+    u, v = np.linalg.qr(rng.standard_normal((dim, 2)))[0].T
+    theta = math.acos(cos)
+    abc = np.stack([math.cos(k * theta) * u + math.sin(k * theta) * v for k in range(3)])
+    rest = rng.standard_normal((others, dim))
+    x = np.concatenate([abc, rest / np.linalg.norm(rest, axis=1, keepdims=True)])
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("exact_limit", [None, 0], ids=["exhaustive", "faiss-ivf"])
+def test_a_planted_chain_is_not_one_group(exact_limit):
+    """A~B~C with A and C beyond the threshold: connected components would make one group and
+    drop C for A; grouping around kept images keeps C."""
+    x = chain_vectors()
+    assert x[0] @ x[1] > 0.95 and x[1] @ x[2] > 0.95 and x[0] @ x[2] < 0.9
+    p = cosine_pairs(lambda: [x], len(x), 0.95, exact_limit=exact_limit)
+    assert {(0, 1), (1, 2)} <= set(zip(p.i.tolist(), p.j.tolist(), strict=True))
+    assert (0, 2) not in set(zip(p.i.tolist(), p.j.tolist(), strict=True))
+    n, keys = len(x), [f"k{i:03d}" for i in range(len(x))]
+    pixels = np.full(n, 100)
+    aes = np.zeros(n)
+    aes[:3] = [9.0, 8.0, 7.0]  # A first, then B, then C
+    keeper, kinds, scores = group_duplicates(n, {"semantic": p}, aes, pixels, keys)
+    assert keeper[:3].tolist() == [0, 0, 2]  # B is A's duplicate; C stays
+    assert kinds[:3] == [None, "semantic", None] and scores[1] == pytest.approx(0.97, abs=1e-4)
+    aes[:3] = [8.0, 9.0, 7.0]  # B first: A and C are both within the threshold of B
+    keeper, kinds, _ = group_duplicates(n, {"semantic": p}, aes, pixels, keys)
+    assert keeper[:3].tolist() == [1, 1, 1] and kinds[:3] == ["semantic", None, "semantic"]
+    # the same chain in phash space: 5 bits A→B, 5 others B→C, A and C 10 apart (threshold 8)
+    h = np.array([0, 0b11111, 0b11111_11111_00000], dtype=np.uint64)
+    hp = hamming_pairs(h, 8)
+    keeper, kinds, _ = group_duplicates(
+        3, {"phash": hp}, np.array([9.0, 8.0, 7.0]), np.full(3, 10), ["a", "b", "c"]
+    )
+    assert keeper.tolist() == [0, 0, 2] and kinds == [None, "phash", None]
+
+
+def test_copies_follow_their_original_through_one_searched_link():
+    """Byte copies and identical hashes are searched once (a star from the first copy); a kept
+    image still takes every copy of an image linked to it, and its own copies."""
+    # rows 0-2: byte copies (sha star from 0); 3: identical phash to 0 (not the same bytes)
+    # 4: 3 bits from them; 5: semantically close to row 0 only (copies are not searched)
+    exact = Pairs(np.array([0, 0]), np.array([1, 2]), np.ones(2, np.float32))
+    phash = Pairs(np.array([0, 0, 0, 0]), np.array([1, 2, 3, 4]),
+                  np.array([1, 1, 1, 1 - 3 / 64], np.float32))  # fmt: skip
+    semantic = Pairs(np.array([0]), np.array([5]), np.array([0.96], np.float32))
+    aes = np.array([1.0, 1.0, 1.0, 2.0, 3.0, 0.5])  # row 4 is kept first, then row 3
+    keeper, kinds, scores = group_duplicates(
+        6,
+        {"exact": exact, "phash": phash, "semantic": semantic},
+        aes,
+        np.full(6, 10),
+        list("abcdef"),
+    )
+    # 4 keeps 0-3 (all at 3 bits: the same phash); 5 is linked only to 0, a duplicate → kept
+    assert keeper.tolist() == [4, 4, 4, 4, 4, 5]
+    assert kinds[:4] == ["phash"] * 4 and np.allclose(scores[:4], 1 - 3 / 64)
+    aes = np.array([1.0, 1.0, 1.0, 0.2, 0.3, 0.5])  # the byte copies first: "a" (smallest key)
+    keeper, kinds, scores = group_duplicates(
+        6,
+        {"exact": exact, "phash": phash, "semantic": semantic},
+        aes,
+        np.full(6, 10),
+        list("abcdef"),
+    )
+    assert keeper.tolist() == [0, 0, 0, 0, 0, 0]
+    assert kinds[1:] == ["exact", "exact", "phash", "phash", "semantic"]
+    assert scores[5] == pytest.approx(0.96)
+
+
+def test_every_duplicate_is_within_the_threshold_of_its_dup_of(scored_store, capsys):
+    """The tiny random CLIP puts most photos within 0.95 of one another, in chains: connected
+    components would swallow nearly the whole store. Each `dup_of` must be a direct match, and
+    `manifest stats` reports what each threshold removes."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    cfg = DedupConfig(semantic_threshold=0.95, phash_threshold=8)
+    summary = dedup_store(scored_store, cfg)
+    rows = dedup_rows(scored_store)
+    emb = pq.read_table(scored_store.stage_dir("embeddings/tiny")).to_pydict()
+    vec = {k: np.asarray(e, np.float32) for k, e in zip(emb["key"], emb["embedding"], strict=True)}
+    sc = pq.read_table(scored_store.stage_dir("scores/tiny"), columns=["key", "phash"]).to_pydict()
+    phash = {k: int(h, 16) for k, h in zip(sc["key"], sc["phash"], strict=True)}
+    sha = {}
+    for shard in scored_store.shards():
+        t = scored_store.read_meta(shard, ["key", "sha256"]).to_pydict()
+        sha.update(zip(t["key"], t["sha256"], strict=True))
+    dups = {k: r for k, r in rows.items() if r["dup_of"] is not None}
+    assert dups
+    for k, r in dups.items():
+        kept = r["dup_of"]
+        assert rows[kept]["dup_of"] is None  # a duplicate's dup_of is kept
+        if r["dup_kind"] == "exact":
+            assert sha[k] == sha[kept]
+        elif r["dup_kind"] == "phash":
+            assert (phash[k] ^ phash[kept]).bit_count() <= 8
+        else:
+            e = vec[k] if k in vec else vec[next(o for o in vec if sha[o] == sha[k])]
+            assert float(e @ vec[kept]) >= 0.95 - 1e-3 and r["dup_score"] >= 0.95
+    # the pair graph chains: some of its components keep more than one image
+    keys, pairs = find_pairs(scored_store, cfg)
+    ii = np.concatenate([p.i for p in pairs.values()])
+    jj = np.concatenate([p.j for p in pairs.values()])
+    _, label = connected_components(coo_matrix((np.ones(len(ii)), (ii, jj)), (len(keys),) * 2))
+    kept_per_component = Counter(label[i] for i, k in enumerate(keys) if rows[k]["dup_of"] is None)
+    assert max(kept_per_component.values()) > 1
+    # removal counts per threshold: stricter removes no more; "all" is what was written
+    removed = summary.removed
+    assert removed["all"] == len(dups) and removed["exact"] == 1
+    assert list(removed)[:2] == ["exact", "phash<=8"]
+    sem = [removed[f"semantic>={t:g}"] for t in (0.95, 0.97, 0.98, 0.99)]
+    assert sem == sorted(sem, reverse=True) and sem[0] > sem[-1]
+    assert main(["manifest", "stats", "--store", scored_store.root]) == 0
+    out = capsys.readouterr().out
+    assert "removes: exact 1 " in out and f"semantic>=0.95 {sem[0]} " in out, out
+    assert f"all {len(dups)} ({len(dups) / 10:.1%})" in out

@@ -3,6 +3,7 @@ report failures, resume."""
 
 import os
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -154,18 +155,91 @@ def test_place_workers_without_ray_follows_this_machine():
         place_workers(-1, None, use_ray=True)  # before any Ray starts
 
 
-def test_workers_beyond_the_cluster_are_not_started(ray_local, caplog):
-    """Actors the cluster cannot place would wait forever, with the shards handed to them."""
-    from pipeline.stage import fitting_workers
+def test_workers_beyond_the_cluster_wait_and_none_placeable_fails(
+    store, ray_local, caplog, monkeypatch
+):
+    """More workers than the cluster holds: all are asked for, the stage runs on those placed
+    (with a warning) and finishes. Workers no node can hold: an error after the placement
+    timeout (on a cluster an autoscaler may add a node), not a wait forever."""
+    import ray.cloudpickle
 
+    from pipeline.errors import UserError
+    from pipeline.stage import workers_that_fit
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # the session's local Ray: 2 CPUs, no GPU
-    assert fitting_workers(1, 1.0, 0.0) == 1
+    assert workers_that_fit(1.0, 0.0) == (2, "1 node(s), 2 CPU(s), 0 GPU(s)")
+    assert workers_that_fit(0.5, 0.0)[0] == 4 and workers_that_fit(1.0, 1.0)[0] == 0
+    sp = spec(store)
+    sp.workers = 8
     with caplog.at_level("WARNING", logger="pipeline.stage"):
-        assert fitting_workers(8, 1.0, 0.0) == 2
-    assert "holds 2 worker(s)" in caplog.text
-    assert fitting_workers(8, 0.5, 0.0) == 4
-    with pytest.raises(UserError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
-        fitting_workers(1, 1.0, 1.0)
+        s = run_stage(store, sp, progress=False)
+    assert sorted(s.done) == ["000000", "000001", "000002"] and s.ok
+    assert (
+        "--workers 3: the Ray cluster (1 node(s), 2 CPU(s), 0 GPU(s)) holds 2 worker(s) at once; the other 1 wait"
+        in caplog.text
+    )
+    other = spec(store)
+    other.stage, other.gpus_per_worker, other.placement_timeout = "scores/gpu", 1.0, 1.0
+    with pytest.raises(UserError, match=r"could hold one worker with --cpus-per-worker 1 "
+                       r"--gpus-per-worker 1 for 1 s"):  # fmt: skip
+        run_stage(store, other, progress=False)
+    # on a Ray this process started itself no node will ever join: fail at once
+    monkeypatch.setattr("pipeline.cluster._embedded", True)
+    other.placement_timeout = 3600.0
+    with pytest.raises(UserError, match=r"the embedded local Ray \(1 node\(s\), 2 CPU\(s\), 0 GPU"):
+        run_stage(store, other, progress=False)
+
+
+class BrokenModelWorker:
+    def __init__(self, store: str):
+        raise RuntimeError("no weights in /models/missing")
+
+    def __call__(self, shard: str) -> dict:
+        raise AssertionError("never handed a shard: it never loaded")
+
+
+def test_workers_that_cannot_load_fail_the_shards_after_bounded_tries(store, ray_local):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sp = StageSpec(
+        stage="scores/broken",
+        worker_cls=BrokenModelWorker,
+        worker_kwargs={"store": store.root},
+        settings={},
+        workers=2,
+        max_retries=1,
+    )
+    s = run_stage(store, sp, progress=False)
+    assert not s.done and sorted(s.failed) == ["000000", "000001", "000002"]
+    assert (
+        "worker failed to start: RuntimeError: no weights in /models/missing" in s.failed["000000"]
+    )
+
+
+class SlowStartWorker(KeyLengthWorker):
+    """The first instance takes ``load_seconds`` to load its model; the others load at once."""
+
+    def __init__(self, store: str, marker: str, load_seconds: float):
+        super().__init__(store)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(load_seconds)
+
+
+def test_shards_go_only_to_workers_that_have_loaded(store, ray_local, tmp_path):
+    """One worker still loading must not sit on a shard: the ready one does them all."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    sp = spec(store)
+    sp.worker_cls = SlowStartWorker
+    sp.worker_kwargs.update(marker=str(tmp_path / "slow"), load_seconds=120.0)
+    start = time.monotonic()
+    s = run_stage(store, sp, progress=False)
+    assert sorted(s.done) == ["000000", "000001", "000002"] and s.ok
+    assert time.monotonic() - start < 60  # not waiting for the slow one's load
 
 
 def test_ray_stage_with_more_workers_than_cpus_finishes(store, ray_local):
