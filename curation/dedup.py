@@ -599,10 +599,18 @@ def _inputs_digest(store: Store, stages: list[str], shards: list[str]) -> str:
 
 
 def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
-    """Find duplicates across ``store`` and write ``scores/dedup`` (see the module docstring)."""
-    start = time.perf_counter()
+    """Find duplicates across ``store`` and write ``scores/dedup`` (see the module docstring).
+
+    Holds the ``scores/dedup`` lease throughout: a second dedup of the same store is refused with
+    one line naming this one, while other stages run side by side."""
     store = Store(store) if isinstance(store, str) else store
     store.require()
+    with store.lease(STAGE) as lease:
+        return _dedup(store, cfg, lease)
+
+
+def _dedup(store: Store, cfg: DedupConfig, lease: Any) -> DedupSummary:
+    start = time.perf_counter()
     tag = choose_tag(store, cfg.embeddings)
     shards = store.shards()
     # 1. Skip when the inputs and settings are those of the last complete run.
@@ -642,6 +650,7 @@ def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
     sweep = removed_by_threshold(n, pairs, rows["aesthetic"], rows["pixels"], rows["key"], cfg)
     summary.removed = {label: int(r.sum()) for label, r in sweep.items()}
     # 4. Write: the old config goes first, so a crash midway means 'changed' and a full rerun.
+    lease.check()
     fs.remove(fs.join(store.status_dir(STAGE), "config.json"))
     offset = 0
     for shard in shards:

@@ -111,6 +111,18 @@ def test_rerun_skips_when_nothing_changed_and_reruns_on_change(scored_store):
         scored_store.write_status("scores/tiny", "000001", rec)
 
 
+def test_second_dedup_is_refused_while_one_runs(scored_store):
+    """dedup writes scores/dedup under its own lease (issue 12: one writer per stage)."""
+    from pipeline.lease import LeaseHeld
+
+    with scored_store.lease("scores/dedup", owner="alphaset dedup --store S"):
+        with pytest.raises(LeaseHeld, match="scores/dedup.*'alphaset dedup --store S'"):
+            dedup_store(scored_store, DedupConfig(semantic=False, phash_threshold=5))
+        # other stages' leases are free meanwhile
+        with scored_store.lease("captions/tiny"):
+            pass
+
+
 def test_dedup_needs_scores(photos_dir, tmp_path, make_store, capsys):
     store = make_store(tmp_path / "store", photos_dir)
     with pytest.raises(StoreError, match="run 'alphaset score"):
