@@ -128,7 +128,7 @@ def stage_settings(
         "max_length": s.max_length,
         "vae_scale_factor": vae_scale_factor,
         "buckets": [list(b) for b in buckets(s.resolution, s.multi_scale)],
-        "caption_cleaning": "pixart-lowercase",
+        "caption_cleaning": "pixart-clean_caption-x2",
         "latent": "unscaled posterior [mean, std]",
     }
 
