@@ -158,6 +158,10 @@ class TextEncoder:
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> Any:
+        return next(self.model.parameters()).dtype
+
     def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts (``</s>`` included)."""
         ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)[
