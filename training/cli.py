@@ -1,5 +1,6 @@
 """`alphaset train` and `alphaset export`: the command-line side of `training.train.train`,
-`training.distributed.train_distributed` and `training.export.export_diffusers`."""
+`training.launch.launch` (in this process or on Ray Train workers) and
+`training.export.export_diffusers`."""
 
 from __future__ import annotations
 
@@ -29,24 +30,14 @@ Example: alphaset export --checkpoint runs/tiny/aesthetic --to diffusers demo-ou
 
 def _train(args: argparse.Namespace) -> int:
     from training.config import load_config
+    from training.launch import launch
 
     cfg = load_config(args.config, store=args.store, dir=args.runs, strategy=args.strategy)
-    if args.workers > 1:
-        from training.distributed import train_distributed
-
-        finals = train_distributed(
-            cfg,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            progress=not args.quiet,
-        )
-    else:
-        from training.train import train
-
-        finals = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
+    finals = launch(
+        cfg, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, resume=args.resume, stop_after=args.stop_after,
+        progress=not args.quiet, device=args.device,
+    )  # fmt: skip
     for stage in cfg.stages:
         where = finals.get(stage.name)
         print(f"{stage.name}: {where or 'not finished (re-run with --resume)'}")
@@ -92,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=STRATEGIES,
         default=None,
         help="ddp or fsdp with several workers (default: the config's)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
     )
     p.add_argument("--store", default=None, help="override [run] store")
     p.add_argument("--runs", default=None, help="override [run] dir (runs folder)")

@@ -2,7 +2,7 @@
 
 A config has one ``[run]`` table (store, model preset, run folder, loop options), an optional
 ``[defaults]`` table of stage settings shared by every stage, and an ordered ``[[stage]]`` array.
-Unknown keys and bad values raise ``ValueError`` naming the value and what is allowed, before
+Unknown keys and bad values raise ``UserError`` naming the value and what is allowed, before
 anything is read or built. The resolved config (every default filled in, paths absolute) is what
 the run folder and every checkpoint record, so a run can be rebuilt from its checkpoint alone::
 
@@ -33,6 +33,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from pipeline.cli import UserError
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -43,7 +45,104 @@ OPTIMIZERS = ("adamw", "came")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "no")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVES = ("diffusion", "lcm", "controlnet", "dreambooth")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://…, gs://…, file:/… (not C:\\)
+
+
+def check_run_dir(path: str) -> None:
+    """The run folder is written with local file I/O by every rank (checkpoints, metrics,
+    TensorBoard), so it must be a POSIX path; an fsspec URL fails here, before anything (not
+    even a stray local ``s3:/bucket`` folder) is written."""
+    if _URL.match(path):
+        raise UserError(
+            f"[run] dir {path}: the run folder must be a shared POSIX path (a local disk, or a "
+            "filesystem every worker mounts, e.g. /mnt/shared/runs), not an fsspec URL"
+        )
+
+
+@dataclass
+class LcmSettings:
+    """``[stage.lcm]``: PixArt-δ's latent consistency distillation (see training.distill)."""
+
+    ddim_steps: int = 50  # the skipping schedule: t_n every 1000 / ddim_steps
+    w_min: float = 3.0  # guidance scale range the student learns
+    w_max: float = 15.0
+    guidance: float = 4.5  # the w folded into the saved model
+    target_ema: float = 0.95  # decay of the EMA target network (the saved EMA weights)
+    huber_c: float = 0.001
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    sample_steps: int = 4  # LCM steps of the validation grids
+
+    def validate(self, where: str) -> None:
+        if (
+            not isinstance(self.ddim_steps, int)
+            or not 1 <= self.ddim_steps <= 1000
+            or 1000 % self.ddim_steps
+        ):
+            raise UserError(f"{where}: ddim_steps must divide 1000, got {self.ddim_steps!r}")
+        if not 1 <= self.w_min <= self.w_max:
+            raise UserError(
+                f"{where}: guidance range must satisfy 1 <= w_min <= w_max, got {self.w_min}, {self.w_max}"
+            )
+        if not self.guidance >= 1:
+            raise UserError(f"{where}: guidance must be >= 1, got {self.guidance}")
+        if not 0 <= self.target_ema < 1:
+            raise UserError(f"{where}: target_ema must be in [0, 1), got {self.target_ema}")
+        for key in ("huber_c", "sigma_data", "timestep_scaling"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"{where}: {key} must be > 0, got {getattr(self, key)}")
+        _positive(where, "sample_steps", self.sample_steps)
+
+
+@dataclass
+class ControlNetSettings:
+    """``[stage.controlnet]``: PixArt-δ's ControlNet-Transformer on HED edges (training.controlnet)."""
+
+    edges: str = ""  # edges/<tag> of the store (alphaset edges)
+    blocks: int = 13  # base blocks copied (PixArt-δ: 13)
+
+    def validate(self, where: str) -> None:
+        if not self.edges:
+            raise UserError(f"{where}: edges is required (the edges/<tag> of 'alphaset edges')")
+        _positive(where, "blocks", self.blocks)
+
+
+@dataclass
+class DreamBoothSettings:
+    """``[stage.dreambooth]``: DreamBooth with optional prior preservation (training.dreambooth)."""
+
+    instance_dir: str = ""  # folder of the subject's images
+    instance_prompt: str = ""  # e.g. "a photo of sks dog"
+    class_prompt: str | None = None  # e.g. "a photo of a dog" (prior preservation)
+    prior_images: int = 0  # class images generated once by the base (cached in the stage folder)
+    prior_weight: float = 1.0
+    prior_steps: int = 20  # sampler steps per class image
+    prior_batch: int = 8  # class images generated per batch
+
+    def validate(self, where: str) -> None:
+        if not self.instance_dir:
+            raise UserError(f"{where}: instance_dir is required (a folder of the subject's images)")
+        if not self.instance_prompt or not self.instance_prompt.strip():
+            raise UserError(f"{where}: instance_prompt is required, e.g. 'a photo of sks dog'")
+        if not isinstance(self.prior_images, int) or self.prior_images < 0:
+            raise UserError(f"{where}: prior_images must be >= 0, got {self.prior_images!r}")
+        if (self.prior_images > 0) != bool(self.class_prompt and self.class_prompt.strip()):
+            raise UserError(f"{where}: class_prompt and prior_images (>= 1) go together")
+        if self.prior_weight < 0:
+            raise UserError(f"{where}: prior_weight must be >= 0, got {self.prior_weight}")
+        _positive(where, "prior_steps", self.prior_steps)
+        _positive(where, "prior_batch", self.prior_batch)
+
+
+# objective → its settings table (None: no table)
+OBJECTIVE_SETTINGS: dict[str, type | None] = {
+    "diffusion": None,
+    "lcm": LcmSettings,
+    "controlnet": ControlNetSettings,
+    "dreambooth": DreamBoothSettings,
+}
 
 
 @dataclass
@@ -74,6 +173,16 @@ class StageConfig:
     sample_steps: int = 14
     guidance_scale: float = 4.5
     lora: dict[str, Any] | None = None  # { rank, alpha, targets }: train LoRA adapters only
+    objective: str = "diffusion"  # diffusion | lcm | controlnet | dreambooth
+    lcm: dict[str, Any] | None = None  # [stage.lcm] (LcmSettings)
+    controlnet: dict[str, Any] | None = None  # [stage.controlnet] (ControlNetSettings)
+    dreambooth: dict[str, Any] | None = None  # [stage.dreambooth] (DreamBoothSettings)
+
+    @property
+    def settings(self) -> Any:
+        """The objective's settings dataclass (None for plain diffusion)."""
+        cls = OBJECTIVE_SETTINGS[self.objective]
+        return None if cls is None else cls(**(getattr(self, self.objective) or {}))
 
     def validate(self) -> None:
         where = f"stage {self.name!r}"
@@ -81,12 +190,13 @@ class StageConfig:
             from training.lora import LoraOptions, options_dict
 
             self.lora = options_dict(LoraOptions.from_dict(self.lora, f"{where}: lora"))
+        self._validate_objective(where)
         if not _NAME.match(self.name):
-            raise ValueError(
+            raise UserError(
                 f"{where}: name must match [A-Za-z0-9][A-Za-z0-9_.-]*, got {self.name!r}"
             )
         if self.resolution not in RESOLUTIONS:
-            raise ValueError(
+            raise UserError(
                 f"{where}: resolution must be one of {RESOLUTIONS}, got {self.resolution!r}"
             )
         _positive(where, "steps", self.steps)
@@ -95,49 +205,83 @@ class StageConfig:
         _positive(where, "save_every", self.save_every)
         _positive(where, "sample_steps", self.sample_steps)
         if self.sample_every < 0:
-            raise ValueError(
+            raise UserError(
                 f"{where}: sample_every must be >= 0 (0 = never), got {self.sample_every}"
             )
         if self.warmup < 0:
-            raise ValueError(f"{where}: warmup must be >= 0 steps, got {self.warmup}")
+            raise UserError(f"{where}: warmup must be >= 0 steps, got {self.warmup}")
         if not (isinstance(self.lr, float | int) and 0 < self.lr < 1):
-            raise ValueError(f"{where}: lr must be in (0, 1), got {self.lr!r}")
+            raise UserError(f"{where}: lr must be in (0, 1), got {self.lr!r}")
         if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"{where}: weight_decay must be in [0, 1), got {self.weight_decay!r}")
+            raise UserError(f"{where}: weight_decay must be in [0, 1), got {self.weight_decay!r}")
         if not 0 < self.adam_eps < 1:
-            raise ValueError(f"{where}: adam_eps must be in (0, 1), got {self.adam_eps!r}")
+            raise UserError(f"{where}: adam_eps must be in (0, 1), got {self.adam_eps!r}")
         if not self.grad_clip > 0:
-            raise ValueError(
+            raise UserError(
                 f"{where}: grad_clip must be > 0 (PixArt uses 0.01), got {self.grad_clip!r}"
             )
         if not 0 <= self.ema < 1:
-            raise ValueError(
+            raise UserError(
                 f"{where}: ema must be in [0, 1) (PixArt uses 0.9999), got {self.ema!r}"
             )
         if not 0 <= self.caption_dropout < 1:
-            raise ValueError(
+            raise UserError(
                 f"{where}: caption_dropout must be in [0, 1), got {self.caption_dropout!r}"
             )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
+            raise UserError(
                 f"{where}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
             )
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
+            raise UserError(
                 f"{where}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
         if not self.init_from:
-            raise ValueError(
+            raise UserError(
                 f"{where}: init_from must be 'previous', 'scratch' or a checkpoint folder"
             )
         if self.sample_every and not self.validation_prompts:
-            raise ValueError(
-                f"{where}: sample_every = {self.sample_every} needs validation_prompts"
-            )
+            raise UserError(f"{where}: sample_every = {self.sample_every} needs validation_prompts")
         if not all(isinstance(p, str) and p.strip() for p in self.validation_prompts):
-            raise ValueError(f"{where}: validation_prompts must be non-empty strings")
+            raise UserError(f"{where}: validation_prompts must be non-empty strings")
         if self.guidance_scale < 1:
-            raise ValueError(f"{where}: guidance_scale must be >= 1, got {self.guidance_scale!r}")
+            raise UserError(f"{where}: guidance_scale must be >= 1, got {self.guidance_scale!r}")
+
+    def _validate_objective(self, where: str) -> None:
+        """The objective's name, its table (keys, types, values, defaults filled in) and what
+        it needs of the rest of the stage."""
+        if self.objective not in OBJECTIVES:
+            raise UserError(
+                f"{where}: objective must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
+        for name, cls in OBJECTIVE_SETTINGS.items():
+            table = getattr(self, name, None) if cls is not None else None
+            if table is not None and name != self.objective:
+                raise UserError(
+                    f"{where}: [stage.{name}] is set but objective = {self.objective!r}; "
+                    f"add objective = {name!r} or remove the table"
+                )
+        cls = OBJECTIVE_SETTINGS[self.objective]
+        if cls is None:
+            return
+        table = getattr(self, self.objective)
+        if table is None:
+            table = {}
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: [stage.{self.objective}] must be a table")
+        _check_types(f"{where}: [stage.{self.objective}]", cls, table)
+        settings = cls(**table)
+        settings.validate(f"{where}: [stage.{self.objective}]")
+        setattr(self, self.objective, asdict(settings))
+        if self.init_from == "scratch":
+            raise UserError(
+                f"{where}: objective {self.objective!r} fine-tunes a trained model; init_from must "
+                "be 'previous' or a checkpoint folder, not 'scratch'"
+            )
+        if self.objective == "controlnet" and self.lora is not None:
+            raise UserError(
+                f"{where}: objective 'controlnet' trains its own block copies; lora does not apply"
+            )
 
 
 @dataclass
@@ -150,7 +294,7 @@ class RunConfig:
     dir: str = "runs"  # run folder = <dir>/<name>
     seed: int = 0
     learned_sigma: bool = True  # 8 output channels + PixArt's VLB loss term
-    mixed_precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    mixed_precision: str = "bf16"  # bf16 autocast on the training device (CUDA or CPU); "no": fp32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer
     strategy: str = "ddp"  # ddp | fsdp when run with several workers
@@ -167,42 +311,49 @@ class RunConfig:
         for s in self.stages:
             if s.name == name:
                 return s
-        raise ValueError(f"no stage {name!r} (stages: {', '.join(s.name for s in self.stages)})")
+        raise UserError(f"no stage {name!r} (stages: {', '.join(s.name for s in self.stages)})")
 
     def validate(self) -> None:
         from training.model import PRESETS
 
         if not _NAME.match(self.name):
-            raise ValueError(f"[run] name must match [A-Za-z0-9][A-Za-z0-9_.-]*, got {self.name!r}")
+            raise UserError(f"[run] name must match [A-Za-z0-9][A-Za-z0-9_.-]*, got {self.name!r}")
         if not self.store:
-            raise ValueError("[run] store is required (the store folder or URL)")
+            raise UserError("[run] store is required (the store folder or URL)")
         if self.model not in PRESETS:
-            raise ValueError(f"[run] model must be one of {', '.join(PRESETS)}, got {self.model!r}")
+            raise UserError(f"[run] model must be one of {', '.join(PRESETS)}, got {self.model!r}")
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
+            raise UserError(
                 f"[run] mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}"
             )
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"[run] strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            raise UserError(f"[run] strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**32
+        ):
+            raise UserError(f"[run] seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_run_dir(self.dir)
         if self.num_workers < 0:
-            raise ValueError(f"[run] num_workers must be >= 0, got {self.num_workers}")
+            raise UserError(f"[run] num_workers must be >= 0, got {self.num_workers}")
         _positive("[run]", "log_every", self.log_every)
         if not self.stages:
-            raise ValueError("the config has no [[stage]]; add at least one")
+            raise UserError("the config has no [[stage]]; add at least one")
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"stage names must be unique, {dup[0]!r} is repeated")
+            raise UserError(f"stage names must be unique, {dup[0]!r} is repeated")
         for s in self.stages:
             s.validate()
         for prev, s in zip(self.stages[:-1], self.stages[1:], strict=True):
             if s.init_from == "previous" and prev.multi_scale and not s.multi_scale:
-                raise ValueError(
+                raise UserError(
                     f"stage {s.name!r} starts from multi-scale stage {prev.name!r}, so it must be "
                     "multi_scale = true too (its micro-condition weights cannot be dropped)"
                 )
         if self.stages[0].init_from == "previous":
-            raise ValueError(
+            raise UserError(
                 f"stage {self.stages[0].name!r} is the first stage: init_from must be 'scratch' "
                 "or a checkpoint folder, not 'previous'"
             )
@@ -210,13 +361,47 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_toml(self) -> str:
+        """The resolved config as a ``stages.toml`` that ``load_config`` reads back to an equal
+        config (what the fine-tuning commands write into their run folder)."""
+        d = self.to_dict()
+        stages = d.pop("stages")
+        lines = ["[run]", *_toml_pairs(d)]
+        for stage in stages:
+            tables = {k: v for k, v in stage.items() if isinstance(v, dict)}
+            lines += ["", "[[stage]]", *_toml_pairs(stage)]
+            for name, table in tables.items():
+                lines += ["", f"[stage.{name}]", *_toml_pairs(table)]
+        return "\n".join(lines) + "\n"
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a TOML basic string
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else json.dumps(str(v))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def _toml_pairs(d: dict[str, Any]) -> list[str]:
+    """``key = value`` lines of the scalar and list entries (None: left out, the default)."""
+    return [
+        f"{k} = {_toml_value(v)}" for k, v in d.items() if v is not None and not isinstance(v, dict)
+    ]
+
+
 def _positive(where: str, key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+        raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -229,7 +414,7 @@ def _check_types(where: str, cls: type, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in known or key == "stages":
             allowed = ", ".join(k for k in known if k != "stages")
-            raise ValueError(f"{where}: unknown key {key!r} (allowed: {allowed})")
+            raise UserError(f"{where}: unknown key {key!r} (allowed: {allowed})")
         default = known[key].default
         if default is dataclasses.MISSING and known[key].default_factory is not dataclasses.MISSING:
             default = known[key].default_factory()  # type: ignore[misc]
@@ -249,8 +434,10 @@ def _check_types(where: str, cls: type, values: dict[str, Any]) -> None:
             ok = isinstance(value, str) or (value is None and "None" in ann)
         elif ann.startswith("list"):
             ok = isinstance(value, list)
+        elif ann.startswith("dict"):
+            ok = isinstance(value, dict)
         if not ok:
-            raise ValueError(f"{where}: {key} must be {ann}, got {value!r}")
+            raise UserError(f"{where}: {key} must be {ann}, got {value!r}")
 
 
 def config_from_dict(data: dict[str, Any], base_dir: str = ".") -> RunConfig:
@@ -258,37 +445,42 @@ def config_from_dict(data: dict[str, Any], base_dir: str = ".") -> RunConfig:
     data = copy.deepcopy(data)
     extra = sorted(set(data) - {"run", "defaults", "stage"})
     if extra:
-        raise ValueError(f"unknown table [{extra[0]}] (allowed: [run], [defaults], [[stage]])")
+        raise UserError(f"unknown table [{extra[0]}] (allowed: [run], [defaults], [[stage]])")
     run = data.get("run")
     if not isinstance(run, dict):
-        raise ValueError("the config needs a [run] table (name, store, model, …)")
+        raise UserError("the config needs a [run] table (name, store, model, …)")
     _check_types("[run]", RunConfig, run)
     for key in ("name", "store"):
         if key not in run:
-            raise ValueError(f"[run] {key} is required")
+            raise UserError(f"[run] {key} is required")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
-        raise ValueError("[defaults] must be a table of stage settings")
+        raise UserError("[defaults] must be a table of stage settings")
     _check_types("[defaults]", StageConfig, defaults)
     stage_list = data.get("stage", [])
     if not isinstance(stage_list, list):
-        raise ValueError("stages are an array of tables: write [[stage]], not [stage]")
+        raise UserError("stages are an array of tables: write [[stage]], not [stage]")
     stages = []
     for i, raw in enumerate(stage_list):
         merged = {**defaults, **raw}
         where = f"[[stage]] #{i + 1}" + (f" ({raw['name']!r})" if "name" in raw else "")
         _check_types(where, StageConfig, raw)
+        if merged.get("objective") == "dreambooth":
+            merged.setdefault("features", "")  # DreamBooth trains on its instance images
         for key in ("name", "features", "resolution", "steps"):
             if key not in merged:
-                raise ValueError(f"{where}: {key} is required (in the stage or in [defaults])")
+                raise UserError(f"{where}: {key} is required (in the stage or in [defaults])")
         merged["lr"] = float(merged.get("lr", StageConfig.lr))
         stages.append(StageConfig(**merged))
     cfg = RunConfig(**run, stages=stages)
+    check_run_dir(cfg.dir)
     cfg.store = _absolute(cfg.store, base_dir)
     cfg.dir = _absolute(cfg.dir, base_dir)
     for s in cfg.stages:
         if s.init_from not in ("previous", "scratch"):
             s.init_from = _absolute(s.init_from, base_dir)
+        if isinstance(s.dreambooth, dict) and s.dreambooth.get("instance_dir"):
+            s.dreambooth["instance_dir"] = _absolute(s.dreambooth["instance_dir"], base_dir)
     cfg.validate()
     return cfg
 
@@ -310,7 +502,7 @@ def load_config(path: str, **overrides: Any) -> RunConfig:
         try:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path} is not valid TOML: {e}") from e
+            raise UserError(f"{path} is not valid TOML: {e}") from e
     data.setdefault("run", {})
     if isinstance(data["run"], dict):
         data["run"].update({k: v for k, v in overrides.items() if v is not None})
@@ -327,16 +519,3 @@ def config_from_json(text: str | dict[str, Any]) -> RunConfig:
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two flat dicts."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def check_finetune_settings(steps: int, batch_size: int, lr: float, lora: int | None) -> None:
-    """The checks every fine-tuning command (controlnet, distill, dreambooth) makes on its loop
-    settings."""
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0 < lr < 1:
-        raise ValueError(f"--lr must be in (0, 1), got {lr}")
-    if lora is not None and lora < 1:
-        raise ValueError(f"--lora rank must be >= 1, got {lora}")

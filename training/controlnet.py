@@ -1,4 +1,5 @@
-"""PixArt-δ's ControlNet-Transformer: train it on (latent, HED edge map, caption) and sample with it.
+"""PixArt-δ's ControlNet-Transformer: the model, its objective in the one training loop, and
+controlled sampling.
 
 diffusers 0.42.1 ships no PixArt ControlNet (only Sana's), so this module implements PixArt-δ's
 design on diffusers' ``PixArtTransformer2DModel``: the base is frozen; trainable copies of its
@@ -8,8 +9,14 @@ own (frozen) patch embedding, plus the base's hidden state through a zero-initia
 zero-initialised ``after_proj[i]``. At step 0 both projections are zero, so the model's output
 equals the base's exactly.
 
-Files: ``OUT/controlnet.safetensors`` (the copies and projections only; the header's
-``alphaset`` entry records ``blocks`` and the base checkpoint) and ``OUT/metrics.jsonl``.
+Training (``objective = "controlnet"``, ``[stage.controlnet] edges, blocks``): each batch's HED
+maps (``edges/<tag>``) are encoded by the features' VAE at the size of the batch's latent bucket
+(one image at a time, cached), so a multi-scale base gets its micro-conditions and edges of the
+same bucket as the image latent. Validation grids use the first edge map as the control image.
+
+Checkpoint files: ``controlnet.safetensors`` (EMA) / ``controlnet_model.safetensors`` (raw), the
+copies and projections only; the header's ``alphaset`` entry records ``blocks`` and the base,
+``state.json`` records ``controlnet_base``.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-CONTROLNET_FILE = "controlnet.safetensors"
+from pipeline.cli import UserError
+from training import checkpoint as ck
+from training.diffusion import sample_latents
+from training.objective import Objective
 
 
 class ControlNetTransformer(nn.Module):
@@ -34,7 +43,7 @@ class ControlNetTransformer(nn.Module):
         super().__init__()
         n_base = len(base.transformer_blocks)
         if not 1 <= blocks <= n_base:
-            raise ValueError(f"--blocks must be 1-{n_base} (the base has {n_base}), got {blocks}")
+            raise UserError(f"blocks must be 1-{n_base} (the base has {n_base}), got {blocks}")
         self.base = base.requires_grad_(False)
         self.blocks = blocks
         inner = base.config.num_attention_heads * base.config.attention_head_dim
@@ -106,20 +115,33 @@ class ControlNetTransformer(nn.Module):
         c = None
         if control is not None:
             c = b.pos_embed(control.to(x.dtype).expand(n, -1, -1, -1))  # (N, T, D)
+        run = self._checkpointed if b.gradient_checkpointing and torch.is_grad_enabled() else _call
         for i, block in enumerate(b.transformer_blocks):
             if c is not None and i < self.blocks:
                 if i == 0:
                     c = self.before_proj(x) + c
-                c = self.copies[i](c, **kw)
-                x = block(x, **kw) + self.after_proj[i](c)
+                c = run(self.copies[i], c, kw)
+                x = run(block, x, kw) + self.after_proj[i](c)
             else:
-                x = block(x, **kw)
+                x = run(block, x, kw)
         shift, scale = (b.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
         x = b.norm_out(x) * (1 + scale) + shift
         x = b.proj_out(x).reshape(-1, height, width, p, p, b.out_channels)
         x = torch.einsum("nhwpqc->nchpwq", x)
         out = x.reshape(-1, b.out_channels, height * p, width * p)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+        """A block with activation checkpointing (the base's ``enable_gradient_checkpointing``
+        is bypassed here, as the blocks are called one by one)."""
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda h: block(h, **kw), x, use_reentrant=False)
+
+
+def _call(block: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    return block(x, **kw)
 
 
 class ControlledTransformer(nn.Module):
@@ -139,6 +161,7 @@ class ControlledTransformer(nn.Module):
 
 
 def save_controlnet(path: str, net: ControlNetTransformer, **info: Any) -> str:
+    """A standalone ControlNet file (atomically), as a checkpoint's ``controlnet.safetensors``."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -153,20 +176,31 @@ def load_controlnet(base: nn.Module, path: str) -> ControlNetTransformer:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if os.path.isdir(path):
-        path = os.path.join(path, CONTROLNET_FILE)
+    if os.path.isdir(path):  # a ControlNet run / stage / step-N folder
+        path = os.path.join(ck.resolve_step(path, "--controlnet"), ck.CONTROLNET_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--controlnet {path}: no such file")
+        raise UserError(f"--controlnet {path}: no such file")
     with safe_open(path, "pt") as f:
         info = json.loads((f.metadata() or {}).get("alphaset", "{}"))
     if "blocks" not in info:
-        raise ValueError(f"--controlnet {path}: not an alphaset ControlNet file (no 'blocks')")
+        raise UserError(f"--controlnet {path}: not an alphaset ControlNet file (no 'blocks')")
     net = ControlNetTransformer(base, int(info["blocks"]))
-    missing, unexpected = net.load_state_dict(load_file(path), strict=False)
+    load_control_state(net, load_file(path), f"--controlnet {path}")
+    return net.to(base.dtype).eval()
+
+
+def load_control_state(
+    net: ControlNetTransformer, sd: dict[str, torch.Tensor], source: str
+) -> None:
+    missing, unexpected = net.load_state_dict(sd, strict=False)
     bad = [k for k in missing if not k.startswith("base.")] + list(unexpected)
     if bad:
-        raise ValueError(f"--controlnet {path}: weights do not fit the base model ({bad[0]} …)")
-    return net.to(base.dtype).eval()
+        raise UserError(f"{source}: weights do not fit the base model ({bad[0]} …)")
+
+
+def control_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The copies and projections of a full ControlNetTransformer state dict (no base)."""
+    return {k: v.contiguous() for k, v in sd.items() if not k.startswith("base.")}
 
 
 def control_image(path_or_array: str | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -176,11 +210,11 @@ def control_image(path_or_array: str | np.ndarray, size: tuple[int, int]) -> tor
 
     if isinstance(path_or_array, str):
         if not os.path.isfile(path_or_array):
-            raise FileNotFoundError(f"--control-image {path_or_array}: no such file")
+            raise UserError(f"--control-image {path_or_array}: no such file")
         try:
             img = Image.open(path_or_array).convert("RGB")
         except OSError as e:
-            raise ValueError(f"--control-image {path_or_array}: not an image ({e})") from e
+            raise UserError(f"--control-image {path_or_array}: not an image ({e})") from e
     else:
         img = Image.fromarray(path_or_array).convert("RGB")
     img = img.resize(size, Image.BILINEAR)
@@ -195,96 +229,89 @@ def encode_control(vae: nn.Module, image: torch.Tensor, scale_factor: float) -> 
     return dist.mode() * scale_factor
 
 
-def train_controlnet(
-    store: str,
-    base: str,
-    features: str,
-    edges: str,
-    out: str,
-    *,
-    view: str | None = None,
-    blocks: int = 1,
-    steps: int = 100,
-    batch_size: int = 4,
-    lr: float = 2e-5,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[str, list[float]]:
-    """Train a ControlNet on a frozen base checkpoint; return (controlnet file, per-step losses)."""
-    from training.config import check_finetune_settings
-    from training.data import FeatureBatches, make_loader, open_features
-    from training.diffusion import Diffusion
-    from training.export import load_transformer, resolve_checkpoint
-    from training.feature_models import load_vae
-    from training.hed import read_edges
-    from training.train import read_state, step_generator
+class ControlNetObjective(Objective):
+    """ControlNet training on a frozen base (see the module docstring)."""
 
-    check_finetune_settings(steps, batch_size, lr, lora=None)
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"--base {base}: no such folder")
-    ckpt = resolve_checkpoint(base)
-    res = int(read_state(ckpt)["features"]["settings"]["resolution"])
-    fset = open_features(store, features, resolution=res, multi_scale=False, view=view)
-    edge_png = read_edges(store, edges)
-    net = ControlNetTransformer(load_transformer(ckpt, "ema"), blocks)
-    vae = load_vae(str(fset.settings["vae"]), torch.float32, "cpu")
-    learned_sigma = net.config.out_channels == 2 * net.config.in_channels
-    diffusion = Diffusion(learned_sigma)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    data = FeatureBatches(fset, batch_size, seed=seed, shuffle_buffer=64, caption_dropout=0.0)
-    batches = iter(make_loader(data))
-    cache: dict[str, torch.Tensor] = {}
-    os.makedirs(out, exist_ok=True)
-    losses: list[float] = []
-    net.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        batch = next(batches)
-        x0 = batch["latents"].float()
-        ctrl = torch.cat(
-            [_control_latent(k, edge_png, cache, vae, fset, edges) for k in batch["keys"]]
-        )
-        gen = step_generator(seed, 0, step, torch.device("cpu"))
-        t = diffusion.sample_timesteps(x0.shape[0], gen, x0.device)
-        noise = torch.randn(x0.shape, generator=gen)
-        out_ = net(
-            diffusion.add_noise(x0, noise, t),
-            encoder_hidden_states=batch["t5"].float(),
-            encoder_attention_mask=batch["mask"],
-            timestep=t,
-            control=ctrl,
-        ).sample
-        loss = diffusion.loss(out_, x0, diffusion.add_noise(x0, noise, t), t, noise).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if progress:
-            print(f"[controlnet] step {step + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        for i, v in enumerate(losses):
-            f.write(json.dumps({"step": i + 1, "loss": v}) + "\n")
-    path = save_controlnet(
-        os.path.join(out, CONTROLNET_FILE), net, base=os.path.abspath(ckpt), features=features,
-        edges=edges, view=view, steps=steps, seconds=round(time.perf_counter() - start, 2),
-    )  # fmt: skip
-    return path, losses
+    name = "controlnet"
+    init_weights = "ema"
+    resume_replaces_base = False  # the frozen base is not in the checkpoint
 
+    @classmethod
+    def open_data(cls, cfg: Any, stage: Any) -> Any:
+        from training.hed import read_edges
 
-def _control_latent(
-    key: str, pngs: dict[str, bytes], cache: dict[str, torch.Tensor], vae: Any, fset: Any, tag: str
-) -> torch.Tensor:
-    from training.hed import read_png
+        fset = super().open_data(cfg, stage)
+        edges = stage.settings.edges
+        try:
+            read_edges(cfg.store, edges)
+        except FileNotFoundError as e:
+            raise UserError(f"stage {stage.name!r}: {e}") from None
+        return fset
 
-    if key not in cache:
-        if key not in pngs:
-            raise ValueError(f"sample {key} has no edge map in edges/{tag}; run 'alphaset edges'")
-        gray = read_png(pngs[key])
-        x = control_image(gray, (gray.shape[1], gray.shape[0]))
-        cache[key] = encode_control(vae, x, fset.scale_factor)
-    return cache[key]
+    def prepare(self, fset: Any, sdir: str, init: str, dist: Any) -> Any:
+        from training.feature_models import load_vae
+        from training.hed import read_edges
+
+        self.pngs = read_edges(self.cfg.store, self.settings.edges)
+        self.vae = load_vae(str(fset.settings["vae"]), torch.float32, str(self.device))
+        self.scale = fset.scale_factor
+        self.factor = fset.vae_downsample
+        self.cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        return fset
+
+    def build(self, base: nn.Module) -> nn.Module:
+        return ControlNetTransformer(base, self.settings.blocks)
+
+    def control(self, keys: list[str], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Edge latents (N, C, h, w) of the batch's keys at its latent bucket (h, w), encoded one
+        at a time (so a value never depends on the batch it came in) and cached on the CPU."""
+        from training.hed import read_png
+
+        h, w = latent_hw
+        out = []
+        for key in keys:
+            if (key, h, w) not in self.cache:
+                if key not in self.pngs:
+                    raise UserError(
+                        f"sample {key} has no edge map in edges/{self.settings.edges}; run "
+                        "'alphaset edges' on the same store"
+                    )
+                gray = read_png(self.pngs[key])
+                x = control_image(gray, (w * self.factor, h * self.factor)).to(self.device)
+                with torch.autocast(self.device.type, enabled=False):
+                    self.cache[key, h, w] = encode_control(self.vae, x, self.scale)[0].cpu()
+            out.append(self.cache[key, h, w])
+        return torch.stack(out).to(self.device)
+
+    def loss(
+        self, net: nn.Module, ema: nn.Module, batch: dict[str, Any], gen: torch.Generator
+    ) -> torch.Tensor:
+        ctrl = self.control(batch["keys"], tuple(batch["latents"].shape[-2:]))  # (N, C, h, w)
+        return self.per_sample_loss(net, batch, gen, control=ctrl).mean()
+
+    @torch.no_grad()
+    def sample(self, ema: nn.Module, v: Any, gen: torch.Generator) -> torch.Tensor:
+        """The validation prompts under the first edge map of the store (at the grid's size)."""
+        ctrl = self.control([sorted(self.pngs)[0]], v.latent_hw)  # (1, C, h, w)
+        return sample_latents(
+            ControlledTransformer(ema, ctrl), v.embeds, v.mask, v.null, v.null_mask, v.latent_hw,
+            self.stage.sample_steps, self.stage.guidance_scale, gen, v.micro, v.latent_channels,
+        )  # fmt: skip
+
+    def files(self, model: nn.Module, ema: nn.Module, gather: Any, info: dict[str, Any]) -> Any:
+        header = {"alphaset": json.dumps({"blocks": self.settings.blocks, **info})}
+        return {
+            ck.CONTROLNET_MODEL_FILE: (control_state(gather(model)), header),
+            ck.CONTROLNET_FILE: (control_state(gather(ema)), header),
+        }
+
+    def state(self, init: str) -> dict[str, Any]:
+        return {"objective": self.name, "lora_base": None, "controlnet_base": init}
+
+    def load(self, model: nn.Module, ema: nn.Module, ckpt: str) -> None:
+        for module, name in ((model, ck.CONTROLNET_MODEL_FILE), (ema, ck.CONTROLNET_FILE)):
+            path = os.path.join(ckpt, name)
+            load_control_state(module, ck.load_safetensors(path), path)  # type: ignore[arg-type]
 
 
 def controlled_pipeline(pipe: Any, controlnet: str, image: str, width: int, height: int) -> Any:

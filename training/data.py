@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import fs
+from pipeline.cli import UserError
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,13 @@ def open_features(
         )
     settings = cfg.get("settings") or {}
     if settings.get("resolution") != resolution:
-        raise ValueError(
+        raise UserError(
             f"{where}trains at {resolution} px but {name} was extracted at {settings.get('resolution')} px; "
             "use features of the stage's resolution or change the stage's resolution"
         )
     if bool(settings.get("multi_scale")) != multi_scale:
         have = "multi-scale" if settings.get("multi_scale") else "single-scale"
-        raise ValueError(f"{where}multi_scale = {str(multi_scale).lower()} but {name} is {have}")
+        raise UserError(f"{where}multi_scale = {str(multi_scale).lower()} but {name} is {have}")
     done = store.completed(name)
     if view is not None:
         from pipeline.views import view_keys
@@ -260,7 +261,7 @@ class FeatureBatches(IterableDataset):
         self.shard_names = list(fset.shards)
         per_rank = len(self.shard_names[rank::world_size])
         if per_rank == 0:
-            raise ValueError(
+            raise UserError(
                 f"the data has {len(self.shard_names)} shard(s), fewer than the {world_size} workers; "
                 "use fewer workers or more, smaller shards"
             )
@@ -270,7 +271,7 @@ class FeatureBatches(IterableDataset):
         self.streams = max(1, min(num_workers, per_rank))
         per_stream = fset.n_samples / (world_size * self.streams)
         if per_stream < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"{fset.n_samples} samples over {world_size} rank(s) × {self.streams} loader worker(s) "
                 f"is fewer than one batch of {batch_size} per worker; lower batch_size or num_workers"
             )

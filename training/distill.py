@@ -1,86 +1,48 @@
-"""Latent consistency distillation (PixArt-δ's LCM) of a trained PixArt checkpoint, full or LoRA.
+"""Latent consistency distillation (PixArt-δ's LCM) as an objective of the one training loop.
 
 One step: a latent x0 of the features, a DDIM skipping schedule of 50 steps over the 1000 (t_n
 every 20), an index n, a guidance scale w ~ U[3, 15]. The student sees x at t_{n+k}; the frozen
-teacher takes one DDIM step with classifier-free guidance w from t_{n+k} to t_n; the EMA target
-network (decay 0.95) sees that x at t_n. Both predictions go through the consistency function
+teacher (the stage's init weights) takes one DDIM step with classifier-free guidance w from
+t_{n+k} to t_n; the EMA target network (the loop's EMA, decay ``[stage.lcm] target_ema`` 0.95)
+sees that x at t_n. Both predictions go through the consistency function
 ``f(x, t) = c_skip(t) x + c_out(t) x0_pred`` (LCM's boundary scalings, sigma_data 0.5, timestep
 scaling 10, as diffusers' ``LCMScheduler`` samples with) and meet in a pseudo-Huber loss
-(c = 0.001).
+(c = 0.001). Validation grids are 4-step LCM samples.
 
 Guidance: the full student embeds w (LCM's sinusoidal w-embedding of w·1000 → MLP, the last
-linear zero-initialised) and adds it to the timestep embedding inside ``adaln_single``. The saved
-checkpoint is a plain ``PixArtTransformer2DModel``: the embedding of the guidance ``--guidance``
-(default 4.5) is folded into the bias of ``timestep_embedder.linear_2`` (adding a constant there
-is exactly adding it to the timestep embedding), and the w-embedding itself is kept in
-``guidance_embedding.safetensors``. The LoRA variant (``--lora RANK``, LCM-LoRA) trains adapters
-only and, like diffusers' LCM-LoRA scripts, does not embed w.
-
-Output: a checkpoint folder (``state.json`` + ``model.safetensors`` online student +
-``ema.safetensors`` target; LoRA: ``lora.safetensors``/``lora_model.safetensors`` with
-``lora_base`` = the teacher) that ``alphaset sample --sampler lcm`` and ``alphaset export`` load.
-``write_checkpoint`` is shared with training.dreambooth.
+linear zero-initialised) and adds it to the timestep embedding inside ``adaln_single``. The
+checkpoint's ``model.safetensors``/``ema.safetensors`` are plain ``PixArtTransformer2DModel``
+weights: the embedding of ``[stage.lcm] guidance`` (4.5) is folded into the bias of
+``timestep_embedder.linear_2`` (adding a constant there is exactly adding it to the timestep
+embedding); ``guidance_embedding.safetensors`` keeps the w-embedding (target's at the top level,
+``student.*`` the online one) and both unfolded biases, so ``--resume`` restores the exact
+weights. With ``lora`` (LCM-LoRA) only adapters train and, like diffusers' LCM-LoRA scripts,
+w is not embedded.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import shutil
-import time
-import uuid
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from training.config import check_finetune_settings
+from training import checkpoint as ck
+from training.lora import add_lora
+from training.objective import Objective
 
-GUIDANCE_FILE = "guidance_embedding.safetensors"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class LcmConfig:
-    """PixArt-δ's LCM settings; ``lora`` = adapter rank (None: full distillation)."""
-
-    steps: int = 100
-    batch_size: int = 2
-    lr: float = 2e-5
-    ddim_steps: int = 50
-    w_min: float = 3.0
-    w_max: float = 15.0
-    guidance: float = 4.5  # the w folded into the saved model
-    ema: float = 0.95
-    huber_c: float = 0.001
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
-    lora: int | None = None
-    seed: int = 0
-
-    def validate(self) -> LcmConfig:
-        check_finetune_settings(self.steps, self.batch_size, self.lr, self.lora)
-        if not 1 <= self.ddim_steps <= 1000 or 1000 % self.ddim_steps:
-            raise ValueError(f"ddim_steps must divide 1000, got {self.ddim_steps}")
-        if not 1 <= self.w_min <= self.w_max:
-            raise ValueError(
-                f"guidance range must satisfy 1 <= w_min <= w_max, got {self.w_min}, {self.w_max}"
-            )
-        if not self.guidance >= 1:
-            raise ValueError(f"--guidance must be >= 1, got {self.guidance}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}")
-        return self
+BIAS = "adaln_single.emb.timestep_embedder.linear_2.bias"  # where the guidance is folded in
 
 
 def guidance_features(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """LCM's sinusoidal embedding of w·1000: (N,) → (N, dim)."""
     w = w.float() * 1000.0
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+    steps = torch.arange(half, dtype=torch.float32, device=w.device)
+    freqs = torch.exp(-math.log(10000.0) * steps / (half - 1))
     args = w[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
@@ -125,16 +87,29 @@ class GuidedStudent(nn.Module):
         finally:
             self._w = None
 
-    @torch.no_grad()
     def folded_state_dict(self, w: float) -> dict[str, torch.Tensor]:
         """The transformer's weights with the embedding of ``w`` in the timestep MLP's bias."""
-        state = {
-            k: v.detach().cpu().clone().contiguous()
-            for k, v in self.transformer.state_dict().items()
-        }
-        g = self.guidance(torch.tensor([w]))[0].cpu()
-        state["adaln_single.emb.timestep_embedder.linear_2.bias"] += g
-        return state
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        return fold(sd, w)[0]
+
+
+@torch.no_grad()
+def fold(
+    sd: dict[str, torch.Tensor], w: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """A GuidedStudent state dict (CPU) → (plain transformer weights with the embedding of ``w``
+    added to the timestep MLP's bias, the guidance embedding's weights, the unfolded bias)."""
+    t = {
+        k[len("transformer.") :]: v.contiguous()
+        for k, v in sd.items()
+        if k.startswith("transformer.")
+    }
+    g = {k[len("guidance.") :]: v.contiguous() for k, v in sd.items() if k.startswith("guidance.")}
+    emb = GuidanceEmbedding(t[BIAS].shape[0]).to(t[BIAS].dtype)
+    emb.load_state_dict(g)
+    bias = t[BIAS]
+    t[BIAS] = (bias + emb(torch.tensor([w], dtype=bias.dtype))[0]).contiguous()
+    return t, g, bias.clone()
 
 
 def ddim_timesteps(ddim_steps: int = 50, train_steps: int = 1000) -> torch.Tensor:
@@ -157,93 +132,75 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
     return (torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c).mean()
 
 
-def make_student(base: nn.Module, lora: int | None) -> tuple[nn.Module, nn.Module, Any]:
-    """(student, EMA target, LoraOptions or None) from a copy of the teacher: a GuidedStudent
-    (all weights train) or the transformer with LoRA adapters (only they train)."""
-    from training.lora import LoraOptions, add_lora
-
-    if lora is not None:
-        opts = LoraOptions(rank=lora, alpha=float(lora)).validate("--lora")
-        student = add_lora(base, opts)
-        return student, copy.deepcopy(student).requires_grad_(False), opts
-    target = GuidedStudent(copy.deepcopy(base))  # copied before the student's hook is added
-    student = GuidedStudent(base.requires_grad_(True))
-    target.guidance.load_state_dict(student.guidance.state_dict())
-    return student, target.requires_grad_(False), None
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, student: nn.Module, decay: float) -> None:
-    for pt, ps in zip(target.parameters(), student.parameters(), strict=True):
-        pt.lerp_(ps, 1.0 - decay)
-
-
-class LcmObjective:
+class LcmObjective(Objective):
     """The consistency distillation loss of one batch (see the module docstring)."""
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        cfg: LcmConfig,
-        null_t5: Any,
-        null_mask: Any,
-        channels: int,
-        multi_scale: bool,
-    ):
-        from training.diffusion import Diffusion
+    name = "lcm"
+    init_weights = "ema"  # the teacher is the base's EMA, as PixArt-δ distils
+    resume_replaces_base = False  # the teacher is the init checkpoint, always
 
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.cfg = cfg
-        self.null_t5 = torch.as_tensor(null_t5).float()  # (L, D)
-        self.null_mask = torch.as_tensor(null_mask)  # (L,)
-        self.channels = channels
-        self.multi_scale = multi_scale
-        self.diffusion = Diffusion(learned_sigma=False)
+    def __init__(self, cfg: Any, stage: Any, device: torch.device):
+        super().__init__(cfg, stage, device)
+        s = self.settings
+        self.timesteps = ddim_timesteps(s.ddim_steps).to(device)  # (ddim_steps,)
+        self.skip = 1000 // s.ddim_steps
         self.sqrt_ac = self.diffusion.tables["sqrt_ac"]
         self.sqrt_1m = self.diffusion.tables["sqrt_1m_ac"]
-        self.timesteps = ddim_timesteps(cfg.ddim_steps)
-        self.skip = 1000 // cfg.ddim_steps
+        self.teacher: nn.Module | None = None
+
+    def prepare(self, fset: Any, sdir: str, init: str, dist: Any) -> Any:
+        self.null_t5 = torch.from_numpy(fset.null_t5).to(self.device).float()  # (L, D)
+        self.null_mask = torch.from_numpy(fset.null_mask).to(self.device)  # (L,)
+        return fset
+
+    def build(self, base: nn.Module) -> nn.Module:
+        self.teacher = copy.deepcopy(base).requires_grad_(False).eval()
+        if self.lora is not None:
+            return add_lora(base, self.lora)
+        return GuidedStudent(base.requires_grad_(True))
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.teacher] if self.teacher is not None else []
+
+    @property
+    def ema_decay(self) -> float:
+        return self.settings.target_ema
 
     def _x0(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        mask: torch.Tensor,
-        added: Any,
-        w: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+        mask: torch.Tensor, added: Any, w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(x0 prediction, eps prediction) of an epsilon model (a learned sigma's half dropped)."""
         kw = {"w": w} if w is not None else {}
+        c = x.shape[1]
         eps = model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
-                    added_cond_kwargs=added, **kw).sample[:, : self.channels].float()  # fmt: skip
+                    added_cond_kwargs=added, **kw).sample[:, :c].float()  # fmt: skip
         a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m[t].view(-1, 1, 1, 1)
         return (x - s * eps) / a, eps
 
     def loss(
-        self, student: nn.Module, target: nn.Module, batch: dict[str, Any], gen: torch.Generator
+        self, net: nn.Module, ema: nn.Module, batch: dict[str, Any], gen: torch.Generator
     ) -> torch.Tensor:
         """Pseudo-Huber distance of f_student(x_{t_{n+k}}) to f_target(DDIM-CFG step to t_n);
         ``gen`` draws n, w and the noise."""
-        from training.model import micro_conditions
-
-        cfg = self.cfg
-        x0 = batch["latents"].float()
+        assert self.teacher is not None
+        cfg, dev = self.settings, self.device
+        x0 = batch["latents"].float()  # (N, C, h, w)
         n = x0.shape[0]
-        text, mask = batch["t5"].float(), batch["mask"]
-        added = micro_conditions(batch["hw"], torch.float32) if self.multi_scale else None
-        t_hi = self.timesteps[torch.randint(0, cfg.ddim_steps, (n,), generator=gen)]
+        text, mask = batch["t5"], batch["mask"]  # (N, L, D), (N, L)
+        added = self.added(batch)
+        idx = torch.randint(0, cfg.ddim_steps, (n,), generator=gen, device=dev)
+        t_hi = self.timesteps[idx]  # (N,)
         t_lo = (t_hi - self.skip).clamp(min=0)
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=gen, device=dev)
+        noise = torch.randn(x0.shape, generator=gen, device=dev)
         x_hi = self.diffusion.add_noise(x0, noise, t_hi)
-        ws = w if isinstance(student, GuidedStudent) else None
-        x0_s, _ = self._x0(student, x_hi, t_hi, text, mask, added, ws)
+        ws = w if self.lora is None else None
+        x0_s, _ = self._x0(net, x_hi, t_hi, text, mask, added, ws)
         cs, co = boundary_scalings(t_hi, cfg.sigma_data, cfg.timestep_scaling)
         pred = cs * x_hi + co * x0_s
         with torch.no_grad():
-            text2 = torch.cat([text, self.null_t5.expand(n, -1, -1)])
+            text2 = torch.cat([text, self.null_t5.expand(n, -1, -1)])  # (2N, L, D)
             mask2 = torch.cat([mask, self.null_mask.expand(n, -1)])
             added2 = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
             x0_t, eps_t = self._x0(
@@ -254,151 +211,64 @@ class LcmObjective:
             eps_g = eps_t[n:] + wv * (eps_t[:n] - eps_t[n:])
             a, s = self.sqrt_ac[t_lo].view(-1, 1, 1, 1), self.sqrt_1m[t_lo].view(-1, 1, 1, 1)
             x_lo = a * x0_g + s * eps_g  # one DDIM step t_{n+k} → t_n
-            x0_tg, _ = self._x0(target, x_lo, t_lo, text, mask, added, ws)
+            x0_tg, _ = self._x0(ema, x_lo, t_lo, text, mask, added, ws)
             cs_lo, co_lo = boundary_scalings(t_lo, cfg.sigma_data, cfg.timestep_scaling)
             tgt = cs_lo * x_lo + co_lo * x0_tg
         return pseudo_huber(pred, tgt, cfg.huber_c)
 
+    @torch.no_grad()
+    def sample(self, ema: nn.Module, v: Any, gen: torch.Generator) -> torch.Tensor:
+        """Few-step LCM sampling (diffusers' ``LCMScheduler``, as ``alphaset sample --sampler
+        lcm``), no CFG: the full student gets w = ``guidance`` through its embedding."""
+        from diffusers import LCMScheduler
 
-def write_checkpoint(
-    out: str,
-    base_state: dict[str, Any],
-    *,
-    stage: str,
-    step: int,
-    features: dict[str, Any],
-    model_sd: dict[str, torch.Tensor] | None = None,
-    ema_sd: dict[str, torch.Tensor] | None = None,
-    lora: tuple[Any, nn.Module, nn.Module, str] | None = None,
-    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
-    info: dict[str, Any] | None = None,
-) -> str:
-    """Write ``out`` as a training checkpoint folder (atomically: temp folder + rename).
+        from training.diffusion import inference_scheduler
+        from training.sample import SAMPLERS
 
-    Full weights (``model_sd``/``ema_sd``) or ``lora`` = (LoraOptions, online model, EMA model,
-    base checkpoint) for adapter files with ``lora_base``."""
-    from safetensors.torch import save_file
+        scheduler = LCMScheduler.from_config(
+            inference_scheduler().config, **SAMPLERS["lcm"].settings
+        )
+        scheduler.set_timesteps(self.settings.sample_steps, device=self.device)
+        n = v.embeds.shape[0]
+        shape = (n, v.latent_channels, *v.latent_hw)
+        latents = torch.randn(shape, generator=gen, device=self.device) * scheduler.init_noise_sigma
+        kw = {}
+        if self.lora is None:
+            kw["w"] = torch.full((n,), self.settings.guidance, device=self.device)
+        for t in scheduler.timesteps:
+            eps = ema(latents, encoder_hidden_states=v.embeds, encoder_attention_mask=v.mask,
+                      timestep=t.expand(n), added_cond_kwargs=v.micro, **kw).sample  # fmt: skip
+            latents = scheduler.step(
+                eps[:, : v.latent_channels].float(), t, latents, generator=gen
+            ).prev_sample
+        return latents
 
-    from training.export import check_new_output
-    from training.lora import LORA_FILE, LORA_MODEL_FILE, lora_state_dict, save_lora
-    from training.train import EMA_FILE, MODEL_FILE, STATE_FILE
-
-    check_new_output(out, "--out ")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(
-        parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{uuid.uuid4().hex[:8]}"
-    )
-    os.makedirs(tmp)
-    try:
-        lora_base = None
-        if lora is None:
-            assert model_sd is not None and ema_sd is not None
-            save_file(model_sd, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-            save_file(ema_sd, os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
-        else:
-            opts, online, target, lora_base = lora
-            meta = {"base": lora_base, "stage": stage, "step": step}
-            save_lora(os.path.join(tmp, LORA_MODEL_FILE), lora_state_dict(online), opts, **meta)
-            save_lora(os.path.join(tmp, LORA_FILE), lora_state_dict(target), opts, **meta)
-        for name, sd in (extra_files or {}).items():
-            save_file(sd, os.path.join(tmp, name), metadata={"format": "pt"})
-        state = {
-            "step": step,
-            "stage": stage,
-            "config": base_state.get("config"),
-            "transformer_config": base_state["transformer_config"],
-            "features": features,
-            "lora_base": lora_base,
-            stage: info or {},
-            "tool_version": base_state.get("tool_version"),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    def files(self, model: nn.Module, ema: nn.Module, gather: Any, info: dict[str, Any]) -> Any:
+        if self.lora is not None:
+            return super().files(model, ema, gather, info)
+        w = self.settings.guidance
+        model_t, model_g, model_bias = fold(gather(model), w)
+        ema_t, ema_g, ema_bias = fold(gather(ema), w)
+        guidance = {**ema_g, **{f"student.{k}": v for k, v in model_g.items()},
+                    "unfolded_bias.model": model_bias, "unfolded_bias.ema": ema_bias}  # fmt: skip
+        return {
+            ck.MODEL_FILE: (model_t, {}),
+            ck.EMA_FILE: (ema_t, {}),
+            ck.GUIDANCE_FILE: (guidance, {"guidance": str(w)}),
         }
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1, default=str)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
+    def state(self, init: str) -> dict[str, Any]:
+        return {**super().state(init), "lcm_teacher": init}
 
-def write_metrics(out: str, losses: list[float]) -> None:
-    with open(os.path.join(out, METRICS_FILE), "w") as f:
-        for i, v in enumerate(losses):
-            f.write(json.dumps({"step": i + 1, "loss": v}) + "\n")
-
-
-def distill_lcm(
-    teacher: str,
-    store: str,
-    features: str,
-    out: str,
-    *,
-    view: str | None = None,
-    config: LcmConfig | None = None,
-    progress: bool = False,
-) -> tuple[str, list[float]]:
-    """Distil ``teacher`` (run / stage / step-N folder) into an LCM student at ``out``; return
-    (checkpoint folder, per-step losses)."""
-    from training.data import FeatureBatches, make_loader, open_features
-    from training.export import load_transformer, open_base
-    from training.train import step_generator
-
-    cfg = (config or LcmConfig()).validate()
-    ckpt, state = open_base(teacher, "--teacher", out)
-    tsettings = state["features"]["settings"]
-    multi_scale = bool(tsettings.get("multi_scale"))
-    fset = open_features(
-        store, features, resolution=int(tsettings["resolution"]), multi_scale=multi_scale, view=view
-    )
-    teacher_model = load_transformer(ckpt, "ema")
-    student, target, opts = make_student(load_transformer(ckpt, "ema"), cfg.lora)
-    params = [p for p in student.parameters() if p.requires_grad]
-    objective = LcmObjective(
-        teacher_model, cfg, fset.null_t5, fset.null_mask, fset.latent_channels, multi_scale
-    )
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    data = FeatureBatches(
-        fset, cfg.batch_size, seed=cfg.seed, shuffle_buffer=64, caption_dropout=0.0
-    )
-    batches = iter(make_loader(data))
-    losses: list[float] = []
-    student.train()
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        gen = step_generator(cfg.seed, 0, step, torch.device("cpu"))
-        loss = objective.loss(student, target, next(batches), gen)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"LCM loss is not finite at step {step + 1} ({loss.item()})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema_update(target, student, cfg.ema)
-        losses.append(loss.item())
-        if progress:
-            print(f"[lcm] step {step + 1}/{cfg.steps} loss {losses[-1]:.5f}", flush=True)
-    info = {"teacher": os.path.abspath(ckpt), **asdict(cfg),
-            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-    fmeta = {"store": fset.store, "tag": fset.tag, "view": fset.view, "settings": fset.settings}
-    if cfg.lora is not None:
-        path = write_checkpoint(
-            out, state, stage="lcm", step=cfg.steps, features=fmeta, info=info,
-            lora=(opts, student, target, os.path.abspath(ckpt)),
-        )  # fmt: skip
-    else:
-        assert isinstance(student, GuidedStudent) and isinstance(target, GuidedStudent)
-        guidance = {
-            k: v.detach().cpu().contiguous() for k, v in target.guidance.state_dict().items()
-        }
-        path = write_checkpoint(
-            out, state, stage="lcm", step=cfg.steps, features=fmeta, info=info,
-            model_sd=student.folded_state_dict(cfg.guidance),
-            ema_sd=target.folded_state_dict(cfg.guidance),
-            extra_files={GUIDANCE_FILE: guidance},
-        )  # fmt: skip
-    write_metrics(path, losses)
-    return path, losses
+    def load(self, model: nn.Module, ema: nn.Module, ckpt: str) -> None:
+        if self.lora is not None:
+            return super().load(model, ema, ckpt)
+        g = ck.load_safetensors(os.path.join(ckpt, ck.GUIDANCE_FILE))
+        for which, module, name in (("model", model, ck.MODEL_FILE), ("ema", ema, ck.EMA_FILE)):
+            t = ck.load_safetensors(os.path.join(ckpt, name))
+            t[BIAS] = g[f"unfolded_bias.{which}"]
+            prefix = "student." if which == "model" else ""
+            gsd = {k[len(prefix) :]: v for k, v in g.items() if k.startswith(prefix) and k[len(prefix) :].startswith("linear_")}  # fmt: skip
+            module.transformer.load_state_dict(t)
+            module.guidance.load_state_dict(gsd)
+        return None

@@ -21,93 +21,11 @@ from typing import Any
 
 import torch
 
-from training.train import (
-    DONE_FILE,
-    EMA_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    latest_checkpoint,
-    read_state,
-)
+from pipeline.cli import UserError
+from training import checkpoint as ck
+from training.checkpoint import EXPORT_INFO, load_transformer, pipeline_transformer_config
 
-WEIGHTS = ("ema", "model")
-EXPORT_INFO = "alphaset_export.json"
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A ``step-N`` folder as given; a stage folder → its final (else latest) checkpoint; a run
-    folder → its last stage's."""
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint {path}: no such folder")
-    done = os.path.join(path, DONE_FILE)
-    if os.path.isfile(done):
-        with open(done) as f:
-            return json.load(f)["final"]
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    cfg_path = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_path):  # a run folder: the last stage that has a checkpoint
-        with open(cfg_path) as f:
-            stages = [s["name"] for s in json.load(f)["stages"]]
-        for name in reversed(stages):
-            sdir = os.path.join(path, name)
-            if os.path.isdir(sdir) and (
-                os.path.isfile(os.path.join(sdir, DONE_FILE)) or latest_checkpoint(sdir)
-            ):
-                return resolve_checkpoint(sdir)
-    raise FileNotFoundError(
-        f"--checkpoint {path}: not a checkpoint (step-N with {STATE_FILE}), a stage folder or a run folder"
-    )
-
-
-def pipeline_transformer_config(tconfig: dict[str, Any]) -> dict[str, Any]:
-    """The transformer config as diffusers' pipeline needs it (see the module docstring)."""
-    cfg = dict(tconfig)
-    if cfg.get("use_additional_conditions") and cfg["sample_size"] != 128:
-        scale = cfg["interpolation_scale"] or max(cfg["sample_size"] // 64, 1)
-        cfg["interpolation_scale"] = scale * 128 / cfg["sample_size"]
-        cfg["sample_size"] = 128
-    return cfg
-
-
-def load_transformer(checkpoint: str, weights: str = "ema") -> Any:
-    """The checkpoint's transformer with its EMA (or raw) weights, configured for the pipeline."""
-    from diffusers import PixArtTransformer2DModel
-    from safetensors.torch import load_file
-
-    if weights not in WEIGHTS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    ckpt = resolve_checkpoint(checkpoint)
-    state = read_state(ckpt)
-    if state.get("lora_base"):  # a LoRA stage: its base + the stage's adapters, merged
-        return merge_lora_checkpoint(ckpt, state["lora_base"], weights)
-    model = PixArtTransformer2DModel(**pipeline_transformer_config(state["transformer_config"]))
-    model.load_state_dict(
-        load_file(os.path.join(ckpt, EMA_FILE if weights == "ema" else MODEL_FILE))
-    )
-    return model.eval()
-
-
-def merge_lora_checkpoint(ckpt: str, base: str, weights: str = "ema") -> Any:
-    """The base's transformer with a LoRA checkpoint's adapters merged into its weights (a plain
-    ``PixArtTransformer2DModel``: peft's ``merge`` per layer, then each layer replaced by its
-    merged base layer)."""
-    from peft.tuners.lora import LoraLayer
-
-    from training.lora import LORA_FILE, LORA_MODEL_FILE, load_lora
-
-    model = load_transformer(base, weights)
-    load_lora(model, os.path.join(ckpt, LORA_FILE if weights == "ema" else LORA_MODEL_FILE))
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in layers:
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.get_base_layer())
-    return model.requires_grad_(True).eval()
+__all__ = ["EXPORT_INFO", "build_pipeline", "export_diffusers", "pipeline_transformer_config"]
 
 
 def build_pipeline(
@@ -124,8 +42,12 @@ def build_pipeline(
     from training.diffusion import inference_scheduler
     from training.feature_models import load_t5, load_vae
 
-    ckpt = resolve_checkpoint(checkpoint)
-    settings = read_state(ckpt)["features"]["settings"]
+    ckpt = ck.resolve(checkpoint)
+    if ckpt.kind != "step":
+        raise UserError(
+            f"--checkpoint {checkpoint}: a diffusers folder; load it with from_pretrained"
+        )
+    settings = ck.base_settings(ckpt.path, "--checkpoint")[1]
     transformer = load_transformer(ckpt, weights).to(device)
     if dtype != torch.float32:
         transformer = transformer.to(dtype)
@@ -139,24 +61,10 @@ def build_pipeline(
     )
 
 
-def open_base(path: str, flag: str, out: str) -> tuple[str, dict[str, Any]]:
-    """The full-weights checkpoint a fine-tuning command builds on — ``path`` (a run, stage or
-    step-N folder; ``flag`` names it in errors) → (step folder, training state) — after checking
-    that the output folder ``out`` is new. A LoRA stage is refused: it holds adapters only."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder")
-    check_new_output(out, "--out ")
-    ckpt = resolve_checkpoint(path)
-    state = read_state(ckpt)
-    if state.get("lora_base"):
-        raise ValueError(f"{flag} {path}: a LoRA stage; export it first or use its base")
-    return ckpt, state
-
-
 def check_new_output(out: str, flag: str = "") -> None:
     """``out`` must not exist yet, or be empty: outputs are never written over."""
     if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"{flag}{out} exists and is not empty; choose a new output folder")
+        raise UserError(f"{flag}{out} exists and is not empty; choose a new output folder")
 
 
 def export_diffusers(
@@ -164,7 +72,7 @@ def export_diffusers(
 ) -> str:
     """Write a diffusers PixArtAlphaPipeline folder at ``out`` (atomically); return ``out``."""
     check_new_output(out)
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = ck.resolve_step(checkpoint)
     pipe = build_pipeline(ckpt, weights, t5=t5, vae=vae)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -173,7 +81,7 @@ def export_diffusers(
     )
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        state = read_state(ckpt)
+        state = ck.read_state(ckpt)
         info = {
             "checkpoint": os.path.abspath(ckpt),
             "stage": state["stage"],

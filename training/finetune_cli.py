@@ -1,6 +1,9 @@
 """`alphaset edges` (the HED edge-map stage), `alphaset finetune controlnet|dreambooth` and
-`alphaset distill lcm`: the command-line side of training.hed, training.controlnet,
-training.dreambooth and training.distill. (LoRA is a stage option of `alphaset train`.)"""
+`alphaset distill lcm`: friendly front ends of the one trainer. Each builds a one-stage config
+(training.recipes), writes it into the run folder --out (config.json, stages.toml: re-run or
+edit it with `alphaset train --config OUT/stages.toml`) and trains it with training.launch, on
+--device or on --workers Ray Train workers, resumable with --resume. (LoRA is a stage option of
+`alphaset train` and --lora here.)"""
 
 from __future__ import annotations
 
@@ -13,12 +16,18 @@ Writes: STORE/edges/<tag>/<shard>.parquet (key, edges PNG, height, width, error)
         tag default hed-<resolution>. Edge maps are the feature stage's crop at that resolution.
 Example: alphaset edges --store demo-out/store --hed weights/hed.pth --resolution 512"""
 
-CONTROLNET_EPILOG = """\
+RUN_WRITES = """\
+Writes: OUT/ a run folder: config.json, stages.toml, run.json and OUT/<stage>/checkpoints/step-N/
+        (state.json, optimizer.pt and the weights below), metrics.jsonl, tb/, done.json."""
+
+CONTROLNET_EPILOG = f"""\
 Reads:  --base: a training run / stage / step-N folder (frozen); STORE/features/<tag> (latents +
-        T5) and STORE/edges/<tag> (HED maps, encoded once by the features' VAE).
-Writes: OUT/controlnet.safetensors (block copies + zero linears only), OUT/metrics.jsonl.
+        T5) and STORE/edges/<tag> (HED maps, encoded by the features' VAE at each batch's bucket).
+{RUN_WRITES}
+        Weights: controlnet.safetensors (EMA) / controlnet_model.safetensors (block copies +
+        zero linears only; state.json names the base).
 Example: alphaset finetune controlnet --store demo-out/store --base runs/tiny --features tiny-256 \\
-           --edges hed-256 --blocks 13 --steps 1000 --out runs/controlnet-hed
+           --edges hed-256 --blocks 13 --steps 1000 --bf16 --out runs/controlnet-hed
 Then:    alphaset sample --checkpoint runs/tiny --controlnet runs/controlnet-hed \\
            --control-image edge.png --prompt "a house\""""
 
@@ -36,76 +45,109 @@ def _edges(args: argparse.Namespace) -> int:
 
 
 def _controlnet(args: argparse.Namespace) -> int:
-    from training.controlnet import train_controlnet
+    from training.recipes import controlnet_config
 
-    path, losses = train_controlnet(
+    cfg = controlnet_config(
         args.store, args.base, args.features, args.edges, args.out, view=args.view,
-        blocks=args.blocks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, progress=not args.quiet,
+        blocks=args.blocks, **_loop_settings(args),
     )  # fmt: skip
-    print(f"wrote {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
-    return 0
+    return _run(cfg, args)
 
 
-DREAMBOOTH_EPILOG = """\
+DREAMBOOTH_EPILOG = f"""\
 Reads:  --base: a training run / stage / step-N folder (its T5 and VAE: the ones its features were
         made with); --instance-dir: a folder of images (jpg/png/webp/bmp) of the subject.
-Writes: OUT: a checkpoint folder (state.json + model.safetensors/ema.safetensors, or with --lora
-        only lora.safetensors adapters on the base) + metrics.jsonl.
+{RUN_WRITES}
+        Weights: model.safetensors/ema.safetensors, or with --lora only lora.safetensors
+        adapters on the base. OUT/dreambooth/dreambooth_inputs.safetensors caches the encoded
+        photos, prompts and generated prior images (a resumed run reuses them).
 Example: alphaset finetune dreambooth --base runs/tiny --instance-dir dog/ \\
            --instance-prompt "a photo of sks dog" --class-prompt "a photo of a dog" \\
-           --prior-images 100 --steps 400 --out runs/sks-dog
+           --prior-images 100 --steps 400 --bf16 --out runs/sks-dog
 Then:    alphaset sample --checkpoint runs/sks-dog --prompt "a photo of sks dog on the beach\""""
 
-LCM_EPILOG = """\
+LCM_EPILOG = f"""\
 Reads:  --teacher: a training run / stage / step-N folder (frozen); STORE/features/<tag> (latents +
         T5, at the teacher's resolution), optionally only the samples of --view.
-Writes: OUT: a checkpoint folder (state.json + model.safetensors/ema.safetensors with the
-        --guidance embedding folded in, guidance_embedding.safetensors; with --lora only
-        lora.safetensors adapters on the teacher) + metrics.jsonl.
+{RUN_WRITES}
+        Weights: model.safetensors/ema.safetensors (the EMA target) with the --guidance
+        embedding folded in + guidance_embedding.safetensors; with --lora only lora.safetensors
+        adapters on the teacher.
 Example: alphaset distill lcm --teacher runs/tiny --store demo-out/store --features tiny-256 \\
-           --steps 1000 --out runs/tiny-lcm
+           --steps 1000 --bf16 --out runs/tiny-lcm
 Then:    alphaset sample --checkpoint runs/tiny-lcm --sampler lcm --steps 4 --prompt "a cat\""""
 
 
 def _dreambooth(args: argparse.Namespace) -> int:
-    from training.dreambooth import DreamBoothConfig, finetune_dreambooth
+    from training.recipes import dreambooth_config
 
-    cfg = DreamBoothConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
+    cfg = dreambooth_config(
+        args.base, args.instance_dir, args.instance_prompt, args.out,
         class_prompt=args.class_prompt, prior_images=args.prior_images,
-        prior_weight=args.prior_weight, prior_steps=args.prior_steps, seed=args.seed,
+        prior_weight=args.prior_weight, prior_steps=args.prior_steps, lora=args.lora,
+        **_loop_settings(args),
     )  # fmt: skip
-    path, losses = finetune_dreambooth(
-        args.base, args.instance_dir, args.instance_prompt, args.out, config=cfg,
-        progress=not args.quiet,
-    )  # fmt: skip
-    print(f"wrote {path} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
-    return 0
+    return _run(cfg, args)
 
 
 def _lcm(args: argparse.Namespace) -> int:
-    from training.distill import LcmConfig, distill_lcm
+    from training.recipes import lcm_config
 
-    cfg = LcmConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
-        guidance=args.guidance, seed=args.seed,
+    cfg = lcm_config(
+        args.teacher, args.store, args.features, args.out, view=args.view, lora=args.lora,
+        guidance=args.guidance, **_loop_settings(args),
     )  # fmt: skip
-    path, losses = distill_lcm(
-        args.teacher, args.store, args.features, args.out, view=args.view, config=cfg,
-        progress=not args.quiet,
+    return _run(cfg, args)
+
+
+def _loop_settings(args: argparse.Namespace) -> dict:
+    out = {
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "save_every": args.save_every, "seed": args.seed, "bf16": args.bf16,
+    }  # fmt: skip
+    if args.ema is not None:
+        out["ema"] = args.ema
+    return out
+
+
+def _run(cfg, args: argparse.Namespace) -> int:  # noqa: ANN001
+    from training.recipes import losses, run_recipe
+
+    final = run_recipe(
+        cfg, resume=args.resume, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        device=args.device, progress=not args.quiet,
     )  # fmt: skip
-    print(f"wrote {path} (loss {losses[0]:.5f} -> {losses[-1]:.5f})")
+    if final is None:
+        print(f"{cfg.run_dir}: not finished (re-run with --resume)")
+        return 0
+    ls = losses(cfg.run_dir)
+    print(f"wrote {final} (loss {ls[0]:.5f} -> {ls[-1]:.5f}); config: {cfg.run_dir}/stages.toml")
     return 0
 
 
-def _loop_flags(p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
-    """The training-loop flags every fine-tuning command takes, with its defaults."""
+def _loop_flags(
+    p: argparse.ArgumentParser, steps: int, batch_size: int, lr: float, ema: str
+) -> None:
+    """The training-loop and placement flags every fine-tuning command takes, with its defaults."""
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
     p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--ema", type=float, default=None, help=f"EMA decay (default {ema})")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        help="checkpoint every N steps (default: at the end)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run folder (new, or this run's with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="> 1: Ray Train workers (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -138,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--edges", required=True, help="edges/<tag>")
     c.add_argument("--view", default=None)
     c.add_argument("--blocks", type=int, default=13, help="base blocks copied (PixArt-δ: 13)")
-    _loop_flags(c, steps=1000, batch_size=4, lr=2e-5)
+    _loop_flags(c, steps=1000, batch_size=4, lr=2e-5, ema="0: the saved EMA = the weights")
     c.set_defaults(func=_controlnet)
 
     d = fsub.add_parser(
@@ -154,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--prior-weight", type=float, default=1.0)
     d.add_argument("--prior-steps", type=int, default=20, help="sampler steps per class image")
     d.add_argument("--lora", type=int, default=None, metavar="RANK", help="train LoRA adapters")
-    _loop_flags(d, steps=400, batch_size=2, lr=5e-6)
+    _loop_flags(d, steps=400, batch_size=2, lr=5e-6, ema="0.99")
     d.set_defaults(func=_dreambooth)
 
     ds = sub.add_parser("distill", help="distil a trained model (LCM)")
@@ -170,5 +212,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     lc.add_argument("--view", default=None)
     lc.add_argument("--lora", type=int, default=None, metavar="RANK", help="LCM-LoRA adapters")
     lc.add_argument("--guidance", type=float, default=4.5, help="w folded into the saved model")
-    _loop_flags(lc, steps=1000, batch_size=2, lr=2e-5)
+    _loop_flags(lc, steps=1000, batch_size=2, lr=2e-5, ema="0.95, the LCM target network")
     lc.set_defaults(func=_lcm)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.cli import UserError
 from pipeline.models import Preset, resolve
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store
@@ -91,9 +92,9 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unreadable weights: safetensors/pickle raise their own types
-        raise ValueError(f"--hed {path}: cannot read weights ({type(e).__name__})") from e
+        raise UserError(f"--hed {path}: cannot read weights ({type(e).__name__})") from e
     if not isinstance(state, dict):
-        raise ValueError(f"--hed {path}: expected a state dict, got {type(state).__name__}")
+        raise UserError(f"--hed {path}: expected a state dict, got {type(state).__name__}")
     return state.get("state_dict", state)
 
 
@@ -112,7 +113,7 @@ def load_hed(value: str, device: str = "cpu") -> HED:
         model = HED(widths)
         model.load_state_dict(state)
     except (KeyError, RuntimeError) as e:
-        raise ValueError(f"--hed {value}: weights do not fit the HED network ({e.__class__.__name__}: "
+        raise UserError(f"--hed {value}: weights do not fit the HED network ({e.__class__.__name__}: "
                          f"{str(e).splitlines()[0][:120]})") from e  # fmt: skip
     return model.eval().to(device)
 
@@ -225,7 +226,7 @@ def extract_edges(
     store = store if isinstance(store, Store) else Store(store)
     store.require()
     if resolution not in RESOLUTIONS:
-        raise ValueError(f"--resolution must be one of {RESOLUTIONS}, got {resolution}")
+        raise UserError(f"--resolution must be one of {RESOLUTIONS}, got {resolution}")
     load_hed(hed)  # a bad --hed fails before any work
     hed = os.path.abspath(hed) if os.path.exists(hed) else hed
     tag = check_tag(tag or f"hed-{resolution}")

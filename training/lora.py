@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.cli import UserError
+
 DEFAULT_TARGETS = (
     "to_q",
     "to_k",
@@ -37,8 +39,6 @@ DEFAULT_TARGETS = (
 ADAPTER_NAME = "default"
 PREFIX = "transformer."
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.utils.constants.LORA_ADAPTER_METADATA_KEY
-LORA_FILE = "lora.safetensors"  # EMA adapter weights of a LoRA stage checkpoint
-LORA_MODEL_FILE = "lora_model.safetensors"  # raw (non-EMA) adapter weights
 
 
 @dataclass
@@ -51,11 +51,11 @@ class LoraOptions:
 
     def validate(self, where: str = "lora") -> LoraOptions:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"{where}: rank must be an integer >= 1, got {self.rank!r}")
+            raise UserError(f"{where}: rank must be an integer >= 1, got {self.rank!r}")
         if not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise ValueError(f"{where}: alpha must be > 0, got {self.alpha!r}")
+            raise UserError(f"{where}: alpha must be > 0, got {self.alpha!r}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(
+            raise UserError(
                 f"{where}: targets must be a non-empty list of module names, e.g. "
                 f"{list(DEFAULT_TARGETS)}, got {self.targets!r}"
             )
@@ -64,10 +64,10 @@ class LoraOptions:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "lora") -> LoraOptions:
         if not isinstance(d, dict):
-            raise ValueError(f"{where} must be a table {{ rank, alpha, targets }}, got {d!r}")
+            raise UserError(f"{where} must be a table {{ rank, alpha, targets }}, got {d!r}")
         unknown = sorted(set(d) - {"rank", "alpha", "targets"})
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"{where}: unknown key(s) {', '.join(unknown)} (allowed: rank, alpha, targets)"
             )
         return cls(**d).validate(where)
@@ -90,7 +90,7 @@ def add_lora(model: nn.Module, opts: LoraOptions) -> nn.Module:
     try:
         inject_adapter_in_model(opts.peft_config(), model, adapter_name=ADAPTER_NAME)
     except ValueError as e:
-        raise ValueError(f"lora targets {opts.targets} do not fit the transformer: {e}") from e
+        raise UserError(f"lora targets {opts.targets} do not fit the transformer: {e}") from e
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
@@ -104,18 +104,24 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_lora(path: str, state: dict[str, torch.Tensor], opts: LoraOptions, **info: Any) -> str:
-    """Write adapter weights with the LoraConfig in the header (atomically)."""
-    from safetensors.torch import save_file
-
+def lora_header(opts: LoraOptions, **info: Any) -> dict[str, str]:
+    """The safetensors header of an adapter file: the LoraConfig (what diffusers reads) and the
+    alphaset provenance (base, stage, step). training.checkpoint writes the file."""
     meta = {
         "r": opts.rank,
         "lora_alpha": float(opts.alpha),
         "target_modules": list(opts.targets),
     }
-    header = {"format": "pt", METADATA_KEY: json.dumps(meta), "alphaset": json.dumps(info)}
+    return {METADATA_KEY: json.dumps(meta), "alphaset": json.dumps(info)}
+
+
+def save_lora(path: str, state: dict[str, torch.Tensor], opts: LoraOptions, **info: Any) -> str:
+    """A standalone adapter file (atomically): the format ``sample --lora`` and diffusers read.
+    (Training checkpoints write theirs through training.checkpoint.)"""
+    from safetensors.torch import save_file
+
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(state, tmp, metadata=header)
+    save_file(state, tmp, metadata={"format": "pt", **lora_header(opts, **info)})
     os.replace(tmp, path)
     return path
 
@@ -125,8 +131,6 @@ def read_lora(path: str) -> tuple[dict[str, torch.Tensor], LoraOptions, dict[str
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, LORA_FILE)):
-        path = os.path.join(path, LORA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lora {path}: no such file")
     try:
@@ -134,9 +138,9 @@ def read_lora(path: str) -> tuple[dict[str, torch.Tensor], LoraOptions, dict[str
             header = f.metadata() or {}
         state = load_file(path)
     except Exception as e:  # safetensors raises its own SafetensorError for bad files
-        raise ValueError(f"--lora {path}: not a safetensors file ({type(e).__name__})") from e
+        raise UserError(f"--lora {path}: not a safetensors file ({type(e).__name__})") from e
     if METADATA_KEY not in header:
-        raise ValueError(f"--lora {path}: no {METADATA_KEY} in the header (not a LoRA file)")
+        raise UserError(f"--lora {path}: no {METADATA_KEY} in the header (not a LoRA file)")
     meta = json.loads(header[METADATA_KEY])
     opts = LoraOptions(
         rank=int(meta["r"]), alpha=float(meta["lora_alpha"]), targets=list(meta["target_modules"])
@@ -162,7 +166,7 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
     result = set_peft_model_state_dict(model, stripped, adapter_name=ADAPTER_NAME)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ValueError(f"{source}: adapter weights do not fit the model ({unexpected[0]} …)")
+        raise UserError(f"{source}: adapter weights do not fit the model ({unexpected[0]} …)")
 
 
 def load_lora(model: nn.Module, path: str, scale: float = 1.0) -> LoraOptions:
@@ -182,73 +186,9 @@ def parse_lora_arg(value: str) -> tuple[str, float]:
     try:
         s = float(scale)
     except ValueError:
-        raise ValueError(f"--lora {value}: expected PATH[:SCALE] with a number SCALE") from None
+        raise UserError(f"--lora {value}: expected PATH[:SCALE] with a number SCALE") from None
     return path, s
 
 
 def options_dict(opts: LoraOptions) -> dict[str, Any]:
     return asdict(opts)
-
-
-def lora_stage_config(
-    store: str,
-    base: str,
-    features: str,
-    out_dir: str,
-    *,
-    name: str = "lora",
-    view: str | None = None,
-    resolution: int = 256,
-    steps: int = 4,
-    rank: int = 4,
-    alpha: float = 4.0,
-    lr: float = 1e-3,
-    model: str = "tiny",
-    batch_size: int = 2,
-) -> Any:
-    """A one-stage ``RunConfig`` that trains LoRA adapters on ``base`` (what the demo runs)."""
-    from training.config import config_from_dict
-    from training.export import resolve_checkpoint
-
-    if not os.path.isfile(os.path.join(base, "model_index.json")):
-        base = resolve_checkpoint(base)  # a run / stage folder → its final step-N
-    stage: dict[str, Any] = {
-        "name": name,
-        "features": features,
-        "resolution": resolution,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": 1,
-        "grad_clip": 1.0,
-        "ema": 0.5,
-        "save_every": steps,
-        "shuffle_buffer": 4,
-        "init_from": base,
-        "lora": {"rank": rank, "alpha": alpha},
-    }
-    if view:
-        stage["view"] = view
-    run = {"name": name, "store": store, "model": model, "dir": out_dir, "num_workers": 0}
-    return config_from_dict({"run": run, "stage": [stage]})
-
-
-def train_lora(
-    store: str,
-    base: str,
-    features: str,
-    out_dir: str,
-    *,
-    steps: int = 4,
-    rank: int = 4,
-    view: str | None = None,
-    progress: bool = False,
-    resume: bool = False,
-    **kw: Any,
-) -> str:
-    """Train a few LoRA steps on ``base`` (a checkpoint) over ``features/<tag>``; return the
-    final checkpoint folder (its ``lora.safetensors`` is the adapter for ``sample --lora``)."""
-    from training.train import train
-
-    cfg = lora_stage_config(store, base, features, out_dir, steps=steps, rank=rank, view=view, **kw)
-    return train(cfg, resume=resume, progress=progress)[cfg.stages[0].name]

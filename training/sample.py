@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipeline.cli import UserError
 from training.buckets import TABLES, nearest_bucket
 
 NEGATIVE_PROMPT = ""  # PixArt's null caption: CFG's unconditional branch
@@ -201,7 +202,7 @@ def _learned_range_ddpm() -> type:
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r} (samplers: {', '.join(SAMPLERS)})")
+        raise UserError(f"unknown sampler {name!r} (samplers: {', '.join(SAMPLERS)})")
     return SAMPLERS[name]
 
 
@@ -222,12 +223,12 @@ def parse_size(size: str | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, str):
         parts = size.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"--size {size}: expected WxH in pixels, e.g. 1024x768")
+            raise UserError(f"--size {size}: expected WxH in pixels, e.g. 1024x768")
         width, height = (int(p) for p in parts)
     else:
         width, height = (int(v) for v in size)
     if width <= 0 or height <= 0:
-        raise ValueError(f"--size {width}x{height}: width and height must be positive")
+        raise UserError(f"--size {width}x{height}: width and height must be positive")
     return width, height
 
 
@@ -260,17 +261,17 @@ class SampleSettings:
         if self.cfg is None:
             self.cfg = spec.cfg
         if not spec.min_steps <= self.steps <= spec.max_steps:
-            raise ValueError(
+            raise UserError(
                 f"--steps must be {spec.min_steps}-{spec.max_steps} for {self.sampler}, got {self.steps}"
             )
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
-            raise ValueError(f"--cfg must be >= 0 (1 or less: no guidance), got {self.cfg}")
+            raise UserError(f"--cfg must be >= 0 (1 or less: no guidance), got {self.cfg}")
         if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if self.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {self.batch}")
+            raise UserError(f"--batch must be >= 1, got {self.batch}")
         if self.per_prompt < 1:
-            raise ValueError(f"--per-prompt must be >= 1, got {self.per_prompt}")
+            raise UserError(f"--per-prompt must be >= 1, got {self.per_prompt}")
         if self.size is not None:
             self.size = parse_size(self.size)
 
@@ -282,7 +283,7 @@ def read_prompts(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts in the file (one per line)")
+        raise UserError(f"--prompts {path}: no prompts in the file (one per line)")
     return prompts
 
 
@@ -322,8 +323,9 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
     with ``low_vram``)."""
     from diffusers import PixArtAlphaPipeline
 
-    from training.export import EXPORT_INFO, build_pipeline, resolve_checkpoint
-    from training.train import read_state
+    from training import checkpoint as ck
+    from training.checkpoint import EXPORT_INFO
+    from training.export import build_pipeline
 
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
@@ -332,7 +334,7 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
             pipe = PixArtAlphaPipeline.from_pretrained(checkpoint, **_pipeline_dtype_kwarg(dtype))
         except (OSError, ValueError, KeyError, TypeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ValueError(
+            raise UserError(
                 f"--checkpoint {checkpoint}: not a loadable PixArtAlphaPipeline folder "
                 f"({type(e).__name__}: {msg})"
             ) from e
@@ -343,18 +345,22 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
                 info = json.load(f)
         kind, ckpt, features = "export", info.get("checkpoint"), info.get("features") or {}
     else:
-        ckpt = resolve_checkpoint(checkpoint)
-        base = read_state(ckpt).get("lora_base")
-        if base:  # a LoRA stage's checkpoint: its base model + the stage's adapters
-            from training.lora import LORA_FILE, LORA_MODEL_FILE
-
-            model = load_model(base, dtype=dtype, weights=weights)
-            adapter = os.path.join(ckpt, LORA_FILE if weights == "ema" else LORA_MODEL_FILE)
-            apply_lora(model, f"{adapter}")
+        resolved = ck.resolve(checkpoint)
+        if resolved.kind != "step":
+            raise UserError(
+                f"--checkpoint {checkpoint}: a diffusers transformer folder, not a pipeline; "
+                "give the pipeline folder (with model_index.json) or a training checkpoint"
+            )
+        ckpt = resolved.path
+        if resolved.lora_base:  # a LoRA checkpoint: its base model + the adapters
+            model = load_model(resolved.lora_base, dtype=dtype, weights=weights)
+            adapter = ck.LORA_FILE if weights == "ema" else ck.LORA_MODEL_FILE
+            apply_lora(model, os.path.join(ckpt, adapter))
             model.source, model.checkpoint = os.path.abspath(checkpoint), ckpt
             return model
+        # device-ok: components are assembled on the CPU; generate() places them
         pipe = build_pipeline(ckpt, weights=weights, device="cpu", dtype=dtype)
-        kind, features = "checkpoint", read_state(ckpt)["features"]
+        kind, features = "checkpoint", resolved.features
     tconfig = pipe.transformer.config
     settings = features.get("settings") or {}
     return Model(
@@ -371,9 +377,11 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, weights: str
 
 def apply_lora(model: Model, spec: str) -> float:
     """Load the LoRA adapter ``PATH[:SCALE]`` into the model's transformer; return the scale."""
+    from training.checkpoint import lora_file
     from training.lora import load_lora, parse_lora_arg
 
     path, scale = parse_lora_arg(spec)
+    path = lora_file(path)
     transformer = model.pipe.transformer
     dtype = transformer.dtype
     load_lora(transformer, path, scale)
@@ -410,14 +418,14 @@ def _encode_low_vram(
     try:
         from diffusers.hooks import apply_group_offloading
     except ImportError as e:
-        raise ValueError("--low-vram needs diffusers >= 0.33 (group offloading)") from e
+        raise UserError("--low-vram needs diffusers >= 0.33 (group offloading)") from e
 
     pipe = model.pipe
     on_cuda = device.startswith("cuda")
     apply_group_offloading(
         pipe.text_encoder,
         onload_device=torch.device(device),
-        offload_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),  # device-ok: T5 weights stay in CPU memory
         offload_type="leaf_level",
         use_stream=on_cuda,  # overlap each layer's copy with the previous layer's compute
     )
@@ -449,7 +457,7 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
+        raise UserError("no prompts: pass --prompt TEXT or --prompts FILE")
     given = [p for p in prompts for _ in range(settings.per_prompt)]
     texts = [clean_caption(p) for p in given]  # as the training captions were cleaned
     seeds = [settings.seed + i for i in range(len(given))]
@@ -457,7 +465,7 @@ def generate(
     width, height = snap_size(w, h, model.resolution, model.unit)
     pipe = model.pipe
     if pipe.text_encoder is None:
-        raise ValueError("this model's text encoder was freed by a --low-vram run; load it again")
+        raise UserError("this model's text encoder was freed by a --low-vram run; load it again")
     pipe.scheduler = make_scheduler(settings.sampler, model.scheduler_config)
     pipe.set_progress_bar_config(disable=not progress)
     on_cuda = device.startswith("cuda")
@@ -490,6 +498,7 @@ def generate(
                 "guidance_scale": settings.cfg,
                 "height": height,
                 "width": width,
+                # device-ok: one CPU generator per image, so an image depends on its seed only
                 "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds[lo:hi]],
                 "clean_caption": False,
                 "use_resolution_binning": False,  # snapped above, to our (training) buckets
@@ -651,13 +660,14 @@ def sample(
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT or --prompts FILE")
+        raise UserError("no prompts: pass --prompt TEXT or --prompts FILE")
     if lora:  # a bad adapter fails before any model is loaded
+        from training.checkpoint import lora_file
         from training.lora import parse_lora_arg, read_lora
 
-        read_lora(parse_lora_arg(lora)[0])
+        read_lora(lora_file(parse_lora_arg(lora)[0]))
     if (controlnet is None) != (control_image is None):
-        raise ValueError("--controlnet and --control-image go together")
+        raise UserError("--controlnet and --control-image go together")
     if control_image is not None and not os.path.isfile(control_image):
         raise FileNotFoundError(f"--control-image {control_image}: no such file")
     device = device or default_device()

@@ -1,35 +1,36 @@
-"""The training loop: a run's stages in order, each a PixArt DiT trained on feature shards.
+"""The training loop: a run's stages in order, each a PixArt DiT trained with its objective.
 
-Run folder (``[run] dir``/``name``)::
+One loop serves every objective (training.objective: diffusion, LCM distillation, ControlNet,
+DreamBooth; LoRA an option of each). The loop supplies device placement, bf16 autocast,
+``compile``, gradient checkpointing, DDP/FSDP, AdamW/CAME with warm-up + LR schedule, gradient
+clipping, the EMA, ``metrics.jsonl``, TensorBoard, validation grids and checkpoints; the
+objective supplies the model around the base, the loss, the sampler and its checkpoint files.
 
-    config.json                      resolved config of the latest invocation
-    run.json                         store, per stage: view, features tag and its settings
-    <stage>/checkpoints/step-N/      model.safetensors, ema.safetensors, optimizer.pt, state.json
-    <stage>/done.json                the stage is finished (its final checkpoint)
-    <stage>/metrics.jsonl            one line per log step (rank 0)
-    <stage>/tb/                      TensorBoard scalars and validation image grids
-    <stage>/samples/step-N.png       validation grids
-    <stage>/keys/rank-R.jsonl        sample keys of every batch (``record_keys``)
+Run folder (``[run] dir``/``name``; file names and the checkpoint format: training.checkpoint)::
+
+    config.json  run.json  stages.toml   resolved config, data sources, the config as TOML
+    <stage>/checkpoints/step-N/          weights, optimizer.pt, state.json
+    <stage>/done.json                    the stage is finished (its final checkpoint)
+    <stage>/metrics.jsonl                one line per log step (rank 0), exactly: a resumed stage
+                                         first drops the lines after its checkpoint's step
+    <stage>/tb/                          TensorBoard scalars and validation image grids
+    <stage>/samples/step-N.png           validation grids
+    <stage>/keys/rank-R.jsonl            sample keys of every batch (``record_keys``)
 
 ``state.json`` holds the step, the resolved config, the transformer config, the LR schedule,
 every rank's data position and RNG states, so ``--resume`` continues a stage exactly where its
-latest checkpoint left it: the loss of every later step equals the uninterrupted run's. Noise
-and timesteps come from a generator seeded by (seed, rank, step), so they need no saved state.
+latest checkpoint left it: the loss of every later step equals the uninterrupted run's. Every
+draw of a step comes from a generator seeded by (seed, rank, step), so it needs no saved state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import datetime as _dt
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,28 +38,17 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.cli import UserError
+from training import checkpoint as ck
 from training.config import RunConfig, StageConfig, config_from_json, differences
-from training.data import DataPosition, FeatureBatches, FeatureSet, make_loader, open_features
-from training.diffusion import Diffusion, sample_latents
+from training.data import DataPosition, FeatureSet
 from training.distributed import DistContext, local, wrap_model
-from training.lora import (
-    LORA_FILE,
-    LORA_MODEL_FILE,
-    LoraOptions,
-    add_lora,
-    load_lora_state,
-    lora_state_dict,
-    save_lora,
-)
 from training.model import build_transformer, load_weights, micro_conditions, transformer_config
+from training.objective import Objective, step_generator
+from training.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
-DONE_FILE = "done.json"
 # Stage settings a resumed stage may change (everything else must match its checkpoint).
 RESUMABLE_CHANGES = {
     "steps",
@@ -77,56 +67,44 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     dist: DistContext | None = None,
+    device: str | None = None,
 ) -> dict[str, str]:
     """Train every stage of ``cfg`` in order; return {stage: final checkpoint folder}.
 
     Finished stages are skipped on ``resume``; ``stop_after`` ends the invocation (with a
-    checkpoint) after that many steps, e.g. to fit a job's time limit.
+    checkpoint) after that many steps, e.g. to fit a job's time limit. ``device``: "cuda",
+    "cuda:1", "cpu" … (default: CUDA when available; Ray Train workers get theirs from Ray).
     """
-    dist = dist or DistContext.single()
+    dist = dist or DistContext.single(device)
     if stop_after is not None and stop_after < 1:
-        raise ValueError(f"--stop-after must be >= 1 step, got {stop_after}")
+        raise UserError(f"--stop-after must be >= 1 step, got {stop_after}")
     # 1. Check every stage's data and init source before building any model.
-    fsets = {
-        s.name: open_features(
-            cfg.store,
-            s.features,
-            resolution=s.resolution,
-            multi_scale=s.multi_scale,
-            view=s.view,
-            stage=s.name,
-        )
-        for s in cfg.stages
-    }
+    fsets = {s.name: OBJECTIVES[s.objective].open_data(cfg, s) for s in cfg.stages}
     for s in cfg.stages:
         if s.init_from not in ("previous", "scratch"):
-            init_kind(s.init_from)
+            ck.resolve(s.init_from, f"stage {s.name!r}: init_from")
         if s.optimizer == "came":
             _came()
     # 2. Record the run.
     prepare_run_dir(cfg, fsets, resume, dist)
     finals: dict[str, str] = {}
-    budget = [stop_after]
+    budget = stop_after
     for i, stage in enumerate(cfg.stages):
-        done = read_done(stage_dir(cfg, stage))
+        done = ck.read_done(stage_dir(cfg, stage))
         if done is not None:
             finals[stage.name] = done["final"]
             continue
-        if budget[0] == 0:
+        if budget == 0:
             break
         init = stage.init_from
         if init == "previous":
             init = finals[cfg.stages[i - 1].name]
-        final = train_stage(
-            cfg,
-            stage,
-            fsets[stage.name],
-            init=init,
-            resume=resume,
-            budget=budget,
-            progress=progress,
-            dist=dist,
-        )
+        final, steps = train_stage(
+            cfg, stage, fsets[stage.name], init=init, resume=resume, budget=budget,
+            progress=progress, dist=dist,
+        )  # fmt: skip
+        if budget is not None:
+            budget -= steps
         if final is None:  # stopped by --stop-after
             break
         finals[stage.name] = final
@@ -137,14 +115,6 @@ def stage_dir(cfg: RunConfig, stage: StageConfig) -> str:
     return os.path.join(cfg.run_dir, stage.name)
 
 
-def read_done(sdir: str) -> dict[str, Any] | None:
-    path = os.path.join(sdir, DONE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def prepare_run_dir(
     cfg: RunConfig, fsets: dict[str, FeatureSet], resume: bool, dist: DistContext
 ) -> None:
@@ -153,14 +123,15 @@ def prepare_run_dir(
         s.name for s in cfg.stages if os.path.isdir(os.path.join(stage_dir(cfg, s), "checkpoints"))
     ]
     if started and not resume:
-        raise ValueError(
+        raise UserError(
             f"run {cfg.run_dir} already has stage(s) {', '.join(started)}; pass --resume to continue it "
             "or choose another [run] name"
         )
     dist.barrier()
     if dist.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        _write_json(os.path.join(cfg.run_dir, "config.json"), cfg.to_dict())
+        ck.write_json(os.path.join(cfg.run_dir, ck.CONFIG_FILE), cfg.to_dict())
+        write_toml(cfg, os.path.join(cfg.run_dir, ck.TOML_FILE))
         sources = {
             "store": cfg.store,
             "stages": {
@@ -173,8 +144,27 @@ def prepare_run_dir(
                 for name, f in fsets.items()
             },
         }
-        _write_json(os.path.join(cfg.run_dir, "run.json"), sources)
+        ck.write_json(os.path.join(cfg.run_dir, ck.RUN_FILE), sources)
     dist.barrier()
+
+
+def write_toml(cfg: RunConfig, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_toml())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Models:
+    """What ``build_models`` hands the loop."""
+
+    model: torch.nn.Module  # the trainable module (objective.build around the base)
+    ema: torch.nn.Module  # its EMA (LCM: the target network)
+    forward: torch.nn.Module  # the model as the loss calls it (DDP / FSDP / compiled)
+    tconfig: dict[str, Any]  # the base transformer's config (saved in every checkpoint)
+    params: list[torch.nn.Parameter]  # what the optimizer trains
+    ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]]  # (EMA, model) trained tensors
 
 
 def train_stage(
@@ -184,224 +174,172 @@ def train_stage(
     *,
     init: str,
     resume: bool,
-    budget: list[int | None],
+    budget: int | None,
     progress: bool,
     dist: DistContext,
-) -> str | None:
-    """Train one stage to its last step; return its final checkpoint (None if stopped early)."""
+) -> tuple[str | None, int]:
+    """Train one stage to its last step (or ``budget`` steps); return (its final checkpoint,
+    None if stopped early; steps trained in this call)."""
     sdir = stage_dir(cfg, stage)
     device = dist.device
     torch.manual_seed(cfg.seed + dist.rank)
-
-    # Create model: PixArt's DiT sized by the preset, shaped by this stage's data.
-    tconfig = transformer_config(
-        cfg.model,
-        resolution=stage.resolution,
-        caption_channels=fset.t5_dim,
-        latent_channels=fset.latent_channels,
-        vae_downsample=fset.vae_downsample,
-        multi_scale=stage.multi_scale,
-        learned_sigma=cfg.learned_sigma,
-    )
-    model = build_transformer(tconfig, seed=cfg.seed)
-    latest = latest_checkpoint(sdir) if resume else None
-    state: dict[str, Any] | None = None
-    lora = LoraOptions.from_dict(stage.lora) if stage.lora else None
-    if latest is not None and lora is not None:  # LoRA: frozen base + the saved adapters
-        state = read_state(latest)
-        check_resumable(state, cfg, stage)
-        if state["lora_base"] != "scratch":
-            load_weights(model, init_source(state["lora_base"]), state["lora_base"])
-        add_lora(model, lora)
-        ema = copy.deepcopy(model)
-        load_lora_state(model, _load_safetensors(os.path.join(latest, LORA_MODEL_FILE)), latest)
-        load_lora_state(ema, _load_safetensors(os.path.join(latest, LORA_FILE)), latest)
-        start_step = int(state["step"])
-    elif latest is not None:
-        state = read_state(latest)
-        check_resumable(state, cfg, stage)
-        load_weights(model, _load_safetensors(os.path.join(latest, MODEL_FILE)), latest)
-        ema = copy.deepcopy(model)
-        load_weights(ema, _load_safetensors(os.path.join(latest, EMA_FILE)), latest)
-        start_step = int(state["step"])
-    else:
-        if init != "scratch":
-            fresh = load_weights(model, init_source(init), init)
-            if fresh and dist.is_main:
-                log.warning(
-                    "stage %s: %d micro-condition tensor(s) (resolution/aspect embedders) are not in %s; "
-                    "they start from PixArt's init", stage.name, len(fresh), init,
-                )  # fmt: skip
-        if lora is not None:
-            add_lora(model, lora)  # base frozen, adapters start at zero (B = 0)
-        ema = copy.deepcopy(model)  # EMA starts at the initial weights
-        start_step = 0
-    ema.requires_grad_(False).eval()
-    model.to(device).train()
-    ema.to(device)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    net = wrap_model(model, cfg.strategy, dist)
-    if cfg.strategy == "fsdp" and dist.distributed:
-        wrap_model(ema, "fsdp", dist)
-    forward = torch.compile(net) if cfg.compile else net
-    diffusion = Diffusion(cfg.learned_sigma, device)
-
-    # Optimizer and LR schedule (linear warm-up, then constant or cosine).
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(stage, params, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    objective = OBJECTIVES[stage.objective](cfg, stage, device)
+    fset = objective.prepare(fset, sdir, init, dist)
+    latest = ck.latest(sdir) if resume else None
+    state = ck.read_state(latest) if latest is not None else None
     if state is not None:
-        load_optimizer(optimizer, model, os.path.join(latest, OPTIMIZER_FILE), cfg, dist)  # type: ignore[arg-type]
+        check_resumable(state, cfg, stage)
+    start_step = int(state["step"]) if state is not None else 0
+    m = build_models(cfg, stage, fset, objective, init, latest, dist)
+    optimizer = make_optimizer(stage, m.params, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    position = None
+    if state is not None:
+        load_optimizer(optimizer, m.model, os.path.join(latest, ck.OPTIMIZER_FILE), cfg, dist)  # type: ignore[arg-type]
         scheduler.load_state_dict(state["lr_scheduler"])
         set_rng_state(state["rng"][dist.rank] if dist.rank < len(state["rng"]) else None)
-    ema_params = [local(p) for p in ema.parameters()]
-    model_params = [local(p) for p in model.parameters()]
-
-    # Setup data: this rank's shards, from the recorded position on resume.
-    position = None
-    if state is not None and dist.rank < len(state["data"]):
-        position = DataPosition.from_dict(state["data"][dist.rank])
-    dataset = FeatureBatches(
-        fset,
-        stage.batch_size,
-        seed=cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.num_workers,
-        shuffle_buffer=stage.shuffle_buffer,
-        caption_dropout=stage.caption_dropout,
-        position=position,
-    )
-    position = dataset.position
-    batches = iter(make_loader(dataset, pin_memory=device.type == "cuda"))
-
-    # Logging (rank 0): TensorBoard, metrics.jsonl, validation inputs.
-    writer = None
-    validation = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(sdir, "tb"))
-    if stage.sample_every and (dist.is_main or cfg.strategy == "fsdp"):
-        validation = Validation(fset, stage, device)
-    keys_log = None
-    if cfg.record_keys:
-        os.makedirs(os.path.join(sdir, "keys"), exist_ok=True)
-        keys_log = open(os.path.join(sdir, "keys", f"rank-{dist.rank}.jsonl"), "a")  # noqa: SIM115
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.mixed_precision == "bf16"
-        else contextlib.nullcontext()
+        saved = state["data"][dist.rank] if dist.rank < len(state["data"]) else None
+        position = DataPosition.from_dict(saved) if saved else None
+    batches, position = objective.batches(fset, position, start_step, dist)
+    logs = Logs.open(cfg, stage, fset, sdir, start_step, dist)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
     )
     if dist.is_main and progress:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in m.params)
         print(
-            f"[{stage.name}] {n_params / 1e6:.1f}M params, {fset.n_samples} samples of features/{fset.tag}"
-            f"{f' (view {fset.view})' if fset.view else ''}, steps {start_step}->{stage.steps}, "
-            f"batch {stage.batch_size}x{dist.world_size}, {device.type}",
+            f"[{stage.name}] {stage.objective}{' + LoRA' if stage.lora else ''}, "
+            f"{n_params / 1e6:.2f}M trained params, {fset.n_samples} samples"
+            f"{f' of features/{fset.tag}' if fset.tag else ''}{f' (view {fset.view})' if fset.view else ''}"
+            f", steps {start_step}->{stage.steps}, batch {stage.batch_size}x{dist.world_size}, "
+            f"{device.type}{' bf16' if cfg.mixed_precision == 'bf16' else ''}",
             flush=True,
         )
 
     # Train.
-    step = start_step
+    step, last_saved = start_step, start_step
     window = Window(device)
-    last_saved = start_step
     while step < stage.steps:
         t0 = time.perf_counter()
         batch = next(batches)
         window.data_wait += time.perf_counter() - t0
-        x0 = batch["latents"].to(device, non_blocking=True)  # (N, C, h, w) scaled posterior sample
-        text = batch["t5"].to(device, non_blocking=True).float()  # (N, L, D)
-        mask = batch["mask"].to(device, non_blocking=True)  # (N, L)
-        added = (
-            micro_conditions(batch["hw"].to(device), torch.float32) if stage.multi_scale else None
-        )
         gen = step_generator(cfg.seed, dist.rank, step, device)
-        t = diffusion.sample_timesteps(x0.shape[0], gen, device)  # (N,)
-        noise = torch.randn(x0.shape, generator=gen, device=device)  # (N, C, h, w)
-        x_t = diffusion.add_noise(x0, noise, t)
         with autocast:
-            out = forward(
-                x_t,
-                encoder_hidden_states=text,
-                encoder_attention_mask=mask,
-                timestep=t,
-                added_cond_kwargs=added,
-            ).sample  # (N, C or 2C, h, w)
-        loss = diffusion.loss(out, x0, x_t, t, noise).mean()
+            loss = objective.loss(m.forward, m.ema, batch, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(m.params, stage.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - stage.ema)
-        position.consumed(batch["pos"].tolist())
+            torch._foreach_lerp_(*m.ema_pairs, 1.0 - objective.ema_decay)
+        if position is not None:
+            position.consumed(batch["pos"].tolist())
         step += 1
-        window.add(loss, grad_norm, x0.shape[0])
-        if keys_log is not None:
-            keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
-            keys_log.flush()
+        window.add(loss, grad_norm, batch["latents"].shape[0])
+        logs.keys(step, batch)
 
         if step % cfg.log_every == 0 or step == stage.steps:
-            record = window.flush(dist, step, lr)
-            if dist.is_main:
-                log_metrics(sdir, writer, stage, record, progress)
+            logs.metrics(window.flush(dist, step, lr), progress)
         t_extra = time.perf_counter()  # validation and checkpoints do not count as training time
-        if stage.sample_every and step % stage.sample_every == 0 and validation is not None:
-            grid = validation.run(ema, cfg.seed)
-            if dist.is_main:
-                save_grid(sdir, writer, grid, step)
-        stopping = budget[0] is not None and step - start_step >= budget[0]
+        if stage.sample_every and step % stage.sample_every == 0:
+            logs.validate(objective, m.ema, step)
+        stopping = budget is not None and step - start_step >= budget
         if step % stage.save_every == 0 or step == stage.steps or stopping:
             save_checkpoint(
                 sdir,
                 step,
-                model,
-                ema,
+                objective,
+                m,
                 optimizer,
                 scheduler,
                 position,
                 cfg,
                 stage,
-                tconfig,
                 fset,
                 dist,
-                lora_base=init if lora is not None else None,
+                init,
             )
             last_saved = step
         window.start += time.perf_counter() - t_extra
         if stopping:
             break
-    if keys_log is not None:
-        keys_log.close()
-    if writer is not None:
-        writer.close()
-    if budget[0] is not None:
-        budget[0] -= step - start_step
+    logs.close()
     if last_saved != step or step < stage.steps:
         if dist.is_main and progress:
-            print(
-                f"[{stage.name}] stopped at step {step}/{stage.steps}; resume with --resume",
-                flush=True,
-            )
-        return None
-    final = checkpoint_dir(sdir, step)
+            print(f"[{stage.name}] stopped at step {step}/{stage.steps}; resume with --resume", flush=True)  # fmt: skip
+        return None, step - start_step
+    final = ck.checkpoint_dir(sdir, step)
     if dist.is_main:
-        _write_json(os.path.join(sdir, DONE_FILE), {"final": final, "steps": step, "time": _now()})
+        ck.write_done(sdir, final, step)
         if progress:
             print(f"[{stage.name}] done: {final}", flush=True)
     dist.barrier()
-    return final
+    return final, step - start_step
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------
-def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """The noise/timestep generator of one step on one rank: no state to save for resume."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+def build_models(
+    cfg: RunConfig,
+    stage: StageConfig,
+    fset: FeatureSet,
+    objective: Objective,
+    init: str,
+    latest: str | None,
+    dist: DistContext,
+) -> Models:
+    """The base transformer with its init weights, the objective's trainable module around it,
+    its EMA, the checkpoint's weights on resume, then device, checkpointing, DDP/FSDP, compile."""
+    # 1. The base: PixArt's DiT sized by the preset and this stage's data, or the base's own.
+    if stage.objective == "diffusion":
+        tconfig = transformer_config(
+            cfg.model, resolution=stage.resolution, caption_channels=fset.t5_dim,
+            latent_channels=fset.latent_channels, vae_downsample=fset.vae_downsample,
+            multi_scale=stage.multi_scale, learned_sigma=cfg.learned_sigma,
+        )  # fmt: skip
+    else:  # a fine-tuning objective keeps the architecture of the model it starts from
+        tconfig = ck.transformer_config(init)
+        if bool(tconfig.get("use_additional_conditions")) != stage.multi_scale:
+            raise UserError(
+                f"stage {stage.name!r}: multi_scale = {str(stage.multi_scale).lower()} but its "
+                f"base {init} is {'' if stage.multi_scale else 'multi-scale'}"
+                f"{'single-scale' if stage.multi_scale else ''}; set multi_scale to match"
+            )
+    base = build_transformer(tconfig, seed=cfg.seed)
+    fresh_full = latest is not None and objective.resume_replaces_base
+    if init != "scratch" and not fresh_full:
+        missing = load_weights(base, ck.load_state_dict(init, objective.init_weights), init)
+        if missing and dist.is_main:
+            log.warning(
+                "stage %s: %d micro-condition tensor(s) (resolution/aspect embedders) are not in %s; "
+                "they start from PixArt's init", stage.name, len(missing), init,
+            )  # fmt: skip
+    if cfg.gradient_checkpointing:
+        base.enable_gradient_checkpointing()
+    # 2. The objective's trainable module, its EMA, the checkpoint's weights.
+    model = objective.build(base)
+    sharded = cfg.strategy == "fsdp" and dist.distributed
+    ema = objective.make_ema(model, share_frozen=not sharded)
+    if latest is not None:
+        objective.load(model, ema, latest)
+    # 3. Device, DDP/FSDP, compile.
+    model.to(dist.device).train()
+    ema.to(dist.device)
+    for extra in objective.frozen():
+        extra.to(dist.device)
+    net = wrap_model(model, cfg.strategy, dist)
+    if sharded:
+        wrap_model(ema, "fsdp", dist)
+    trained = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad]  # fmt: skip
+    return Models(
+        model=model,
+        ema=ema,
+        forward=torch.compile(net) if cfg.compile else net,
+        tconfig=tconfig,
+        params=[p for p in model.parameters() if p.requires_grad],
+        ema_pairs=([local(e) for e, _ in trained], [local(p) for _, p in trained]),
+    )
 
 
 def lr_lambda(stage: StageConfig):
@@ -422,7 +360,7 @@ def _came():
     try:
         from came_pytorch import CAME
     except ImportError as e:
-        raise ValueError(
+        raise UserError(
             "optimizer = 'came' needs the came-pytorch package (pip install came-pytorch)"
         ) from e
     return CAME
@@ -489,29 +427,103 @@ class Window:
         return record
 
 
-def log_metrics(
-    sdir: str, writer: Any, stage: StageConfig, rec: dict[str, float], progress: bool
-) -> None:
-    step = int(rec["step"])
-    with open(os.path.join(sdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    writer.add_scalar("train/loss", rec["loss"], step)
-    writer.add_scalar("train/grad_norm", rec["grad_norm"], step)
-    writer.add_scalar("train/lr", rec["lr"], step)
-    writer.add_scalar("perf/img_per_s", rec["img_per_s"], step)
-    writer.add_scalar("perf/data_wait_fraction", rec["data_wait"], step)
-    if progress:
-        print(
-            f"[{stage.name}] step {step}/{stage.steps} loss {rec['loss']:.4f} grad {rec['grad_norm']:.3g} "
-            f"lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s data-wait {rec['data_wait']:.0%}",
-            flush=True,
-        )
+class Logs:
+    """A stage's outputs besides checkpoints: metrics.jsonl and TensorBoard (rank 0), validation
+    grids, and the per-rank key logs."""
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, sdir: str, dist: DistContext):
+        self.cfg, self.stage, self.sdir, self.dist = cfg, stage, sdir, dist
+        self.writer: Any = None
+        self.validation: Validation | None = None
+        self.keys_log: Any = None
+
+    @classmethod
+    def open(
+        cls,
+        cfg: RunConfig,
+        stage: StageConfig,
+        fset: FeatureSet,
+        sdir: str,
+        start_step: int,
+        dist: DistContext,
+    ) -> Logs:
+        """Open the logs of a stage starting at ``start_step``: lines a killed run wrote after
+        that step's checkpoint are dropped first, so every step has exactly one line."""
+        logs = cls(cfg, stage, sdir, dist)
+        os.makedirs(sdir, exist_ok=True)
+        if dist.is_main:
+            truncate_jsonl(os.path.join(sdir, ck.METRICS_FILE), start_step)
+            from torch.utils.tensorboard import SummaryWriter
+
+            logs.writer = SummaryWriter(os.path.join(sdir, "tb"), purge_step=start_step + 1)
+        if stage.sample_every and (dist.is_main or cfg.strategy == "fsdp"):
+            logs.validation = Validation(fset, stage, dist.device, cfg.mixed_precision == "bf16")
+        if cfg.record_keys:
+            path = os.path.join(sdir, "keys", f"rank-{dist.rank}.jsonl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            truncate_jsonl(path, start_step)
+            logs.keys_log = open(path, "a")  # noqa: SIM115
+        return logs
+
+    def keys(self, step: int, batch: dict[str, Any]) -> None:
+        if self.keys_log is not None and "keys" in batch:
+            self.keys_log.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+            self.keys_log.flush()
+
+    def metrics(self, rec: dict[str, float], progress: bool) -> None:
+        if not self.dist.is_main:
+            return
+        step = int(rec["step"])
+        with open(os.path.join(self.sdir, ck.METRICS_FILE), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        w = self.writer
+        w.add_scalar("train/loss", rec["loss"], step)
+        w.add_scalar("train/grad_norm", rec["grad_norm"], step)
+        w.add_scalar("train/lr", rec["lr"], step)
+        w.add_scalar("perf/img_per_s", rec["img_per_s"], step)
+        w.add_scalar("perf/data_wait_fraction", rec["data_wait"], step)
+        if progress:
+            print(
+                f"[{self.stage.name}] step {step}/{self.stage.steps} loss {rec['loss']:.4f} "
+                f"grad {rec['grad_norm']:.3g} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s "
+                f"data-wait {rec['data_wait']:.0%}",
+                flush=True,
+            )
+
+    def validate(self, objective: Objective, ema: torch.nn.Module, step: int) -> None:
+        if self.validation is None:
+            return
+        grid = self.validation.run(objective, ema, self.cfg.seed)
+        if self.dist.is_main:
+            save_grid(self.sdir, self.writer, grid, step)
+
+    def close(self) -> None:
+        if self.keys_log is not None:
+            self.keys_log.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Keep only the lines of ``path`` whose ``step`` is <= ``step`` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class Validation:
-    """Fixed prompts → image grid with the EMA weights (T5 runs once, at the stage's start)."""
+    """Fixed prompts → image grid with the EMA weights and the objective's sampler (T5 runs
+    once, at the stage's start)."""
 
-    def __init__(self, fset: FeatureSet, stage: StageConfig, device: torch.device):
+    def __init__(self, fset: FeatureSet, stage: StageConfig, device: torch.device, bf16: bool):
         from training.feature_models import load_t5, load_vae
         from training.text import TextEncoder, clean_caption
 
@@ -528,41 +540,25 @@ class Validation:
         self.null = torch.from_numpy(fset.null_t5).to(device).float()[None]  # (1, L, D)
         self.null_mask = torch.from_numpy(fset.null_mask).to(device)[None]  # (1, L)
         self.vae = load_vae(str(settings["vae"]), torch.float32, str(device))
-        self.fset, self.stage, self.device = fset, stage, device
+        res, f = stage.resolution, fset.vae_downsample
+        self.latent_hw = (res // f, res // f)
+        self.latent_channels = fset.latent_channels
+        n = self.embeds.shape[0]
+        self.micro = None
+        if stage.multi_scale:
+            hw = torch.tensor([[res, res]] * n, device=device)
+            self.micro = micro_conditions(hw, torch.float32)
+        self.fset, self.stage, self.device, self.bf16 = fset, stage, device, bf16
 
     @torch.no_grad()
-    def run(self, ema: torch.nn.Module, seed: int) -> np.ndarray:
+    def run(self, objective: Objective, ema: torch.nn.Module, seed: int) -> np.ndarray:
         """A (H, W, 3) uint8 grid, one image per prompt, same noise every time."""
-        res, f = self.stage.resolution, self.fset.vae_downsample
-        n = self.embeds.shape[0]
-        micro = None
-        if self.stage.multi_scale:
-            micro = micro_conditions(
-                torch.tensor([[res, res]] * n, device=self.device), torch.float32
-            )
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            latents = sample_latents(
-                ema, self.embeds, self.mask, self.null, self.null_mask, (res // f, res // f),
-                self.stage.sample_steps, self.stage.guidance_scale, gen, micro, self.fset.latent_channels,
-            )  # fmt: skip
-        images = self.vae.decode(
-            latents.float() / self.fset.scale_factor
-        ).sample  # (P, 3, H, W) in [-1, 1]
-        images = (
-            ((images.clamp(-1, 1) + 1) * 127.5)
-            .round()
-            .to(torch.uint8)
-            .permute(0, 2, 3, 1)
-            .cpu()
-            .numpy()
-        )
-        return make_grid(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            latents = objective.sample(ema, self, gen)  # (P, C, h, w)
+        images = self.vae.decode(latents.float() / self.fset.scale_factor).sample  # (P, 3, H, W)
+        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return make_grid(images.permute(0, 2, 3, 1).cpu().numpy())
 
 
 def make_grid(images: np.ndarray) -> np.ndarray:
@@ -586,27 +582,6 @@ def save_grid(sdir: str, writer: Any, grid: np.ndarray, step: int) -> None:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-def checkpoint_dir(sdir: str, step: int) -> str:
-    return os.path.join(sdir, "checkpoints", f"step-{step}")
-
-
-def latest_checkpoint(sdir: str) -> str | None:
-    """The highest complete ``step-N`` (a checkpoint folder appears only when complete)."""
-    folder = os.path.join(sdir, "checkpoints")
-    if not os.path.isdir(folder):
-        return None
-    steps = [int(n[5:]) for n in os.listdir(folder) if n.startswith("step-") and n[5:].isdigit()]
-    return checkpoint_dir(sdir, max(steps)) if steps else None
-
-
-def read_state(ckpt: str) -> dict[str, Any]:
-    path = os.path.join(ckpt, STATE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{ckpt} is not a training checkpoint (no {STATE_FILE})")
-    with open(path) as f:
-        return json.load(f)
-
-
 def check_resumable(state: dict[str, Any], cfg: RunConfig, stage: StageConfig) -> None:
     old = config_from_json(state["config"])
     old_stage = asdict(old.stage(stage.name))
@@ -617,7 +592,7 @@ def check_resumable(state: dict[str, Any], cfg: RunConfig, stage: StageConfig) -
         if getattr(old, k) != getattr(cfg, k)
     ]
     if changed:
-        raise ValueError(
+        raise UserError(
             f"stage {stage.name!r} was started with other settings ({', '.join(changed)} differ); "
             "resume with the same config or choose another [run] name"
         )
@@ -647,51 +622,34 @@ def _param_checksum(model: torch.nn.Module) -> list[float]:
 def save_checkpoint(
     sdir: str,
     step: int,
-    model: torch.nn.Module,
-    ema: torch.nn.Module,
+    objective: Objective,
+    m: Models,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    position: DataPosition,
+    position: DataPosition | None,
     cfg: RunConfig,
     stage: StageConfig,
-    tconfig: dict[str, Any],
     fset: FeatureSet,
     dist: DistContext,
-    lora_base: str | None = None,
+    init: str,
 ) -> str:
-    """Write ``step-N`` atomically (temp folder + rename) from rank 0 with every rank's state.
-
-    A LoRA stage (``lora_base``: the frozen base it adapts) writes only the adapter weights
-    (``lora.safetensors`` EMA, ``lora_model.safetensors`` raw), not the full model."""
-    from safetensors.torch import save_file
-
-    positions = dist.all_gather_object(position.to_dict())
+    """Write ``step-N`` (training.checkpoint.write_checkpoint, from rank 0) with every rank's
+    data position and RNG state; the objective says which weight files it holds."""
+    positions = dist.all_gather_object(position.to_dict() if position is not None else None)
     rngs = dist.all_gather_object(get_rng_state())
-    checksums = dist.all_gather_object(_param_checksum(model))
+    checksums = dist.all_gather_object(_param_checksum(m.model))
     if cfg.strategy == "ddp" and any(c != checksums[0] for c in checksums):
         raise RuntimeError(f"ranks hold different weights at step {step} (checksums {checksums})")
-    if lora_base is None:
-        model_sd = _state_dict(model, cfg, dist)
-        ema_sd = _state_dict(ema, cfg, dist)
-    opt_sd = optimizer_state(optimizer, model, cfg, dist)
-    final = checkpoint_dir(sdir, step)
+    info = {"base": init, "stage": stage.name, "step": step}
+    files = objective.files(m.model, m.ema, lambda mod: _state_dict(mod, cfg, dist), info)
+    opt_sd = optimizer_state(optimizer, m.model, cfg, dist)
+    final = ck.checkpoint_dir(sdir, step)
     if dist.is_main:
-        tmp = os.path.join(sdir, "checkpoints", f".step-{step}.tmp-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
-        if lora_base is None:
-            save_file(model_sd, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-            save_file(ema_sd, os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
-        else:
-            opts = LoraOptions.from_dict(stage.lora or {})
-            info = {"base": lora_base, "stage": stage.name, "step": step}
-            save_lora(os.path.join(tmp, LORA_MODEL_FILE), lora_state_dict(model), opts, **info)
-            save_lora(os.path.join(tmp, LORA_FILE), lora_state_dict(ema), opts, **info)
-        torch.save(opt_sd, os.path.join(tmp, OPTIMIZER_FILE))
         state = {
             "step": step,
             "stage": stage.name,
             "config": cfg.to_dict(),
-            "transformer_config": tconfig,
+            "transformer_config": m.tconfig,
             "features": {
                 "store": fset.store,
                 "tag": fset.tag,
@@ -703,14 +661,11 @@ def save_checkpoint(
             "rng": rngs,
             "param_checksums": checksums,
             "world_size": dist.world_size,
-            "lora_base": lora_base,
+            **objective.state(init),
             "tool_version": __version__,
-            "time": _now(),
+            "time": ck.now(),
         }
-        _write_json(os.path.join(tmp, STATE_FILE), state)
-        if os.path.exists(final):  # a re-run of the same step (resumed from an older one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        ck.write_checkpoint(final, files, state, opt_sd)
     dist.barrier()
     return final
 
@@ -781,47 +736,3 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def init_kind(path: str) -> tuple[str, str]:
-    """What ``init_from`` points at: ("checkpoint", folder) or ("diffusers", transformer folder)."""
-    if os.path.isfile(os.path.join(path, MODEL_FILE)):
-        return "checkpoint", path
-    for folder in (path, os.path.join(path, "transformer")):
-        if os.path.isfile(os.path.join(folder, "config.json")) and any(
-            n.startswith("diffusion_pytorch_model") and n.endswith(".safetensors")
-            for n in os.listdir(folder)
-        ):
-            return "diffusers", folder
-    raise FileNotFoundError(
-        f"init_from {path}: not a training checkpoint (step-N/{MODEL_FILE}), a diffusers transformer "
-        "folder or a diffusers pipeline folder"
-    )
-
-
-def init_source(path: str) -> dict[str, torch.Tensor]:
-    """Weights to start a stage from: a training checkpoint (``step-N``, its model weights), a
-    diffusers transformer folder, or a diffusers pipeline folder (its ``transformer/``)."""
-    kind, folder = init_kind(path)
-    if kind == "checkpoint":
-        return _load_safetensors(os.path.join(folder, MODEL_FILE))
-    from diffusers import PixArtTransformer2DModel
-
-    return PixArtTransformer2DModel.from_pretrained(folder).state_dict()
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

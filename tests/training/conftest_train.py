@@ -160,3 +160,44 @@ def kit():
     import sys
 
     return sys.modules[__name__]
+
+
+def run_metrics(stage_dir: Path) -> dict[int, dict[str, Any]]:
+    """step → its metrics.jsonl record; every step must have exactly one line."""
+    import json
+
+    recs = [json.loads(x) for x in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), f"duplicate metrics lines: {steps}"
+    return {r["step"]: r for r in recs}
+
+
+def assert_exact_resume(make, tmp: Path, stop: int = 2) -> tuple[str, str]:
+    """Train ``make(out)`` (a one-stage RunConfig) whole and again stopped after ``stop`` steps
+    then resumed: every logged loss and every final weight file must be identical.
+    Returns both final checkpoints."""
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    whole_cfg = make(str(tmp / "whole"))
+    stage = whole_cfg.stages[0].name
+    whole = train(whole_cfg, progress=False)[stage]
+    part_cfg = make(str(tmp / "part"))
+    assert train(part_cfg, stop_after=stop, progress=False) == {}
+    part = train(make(str(tmp / "part")), resume=True, progress=False)[stage]
+    a, b = run_metrics(tmp / "whole" / stage), run_metrics(tmp / "part" / stage)
+    assert sorted(a) == sorted(b) == list(range(1, whole_cfg.stages[0].steps + 1))
+    assert [a[s]["loss"] for s in sorted(a)] == [b[s]["loss"] for s in sorted(b)]
+    files = sorted(p.name for p in Path(whole).glob("*.safetensors"))
+    assert files == sorted(p.name for p in Path(part).glob("*.safetensors")) and files
+    for name in files:
+        wa, wb = load_file(Path(whole) / name), load_file(Path(part) / name)
+        assert wa.keys() == wb.keys() and all(torch_equal(wa[k], wb[k]) for k in wa), name
+    return whole, part
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -3,16 +3,19 @@ training lowers the loss, and `alphaset sample --controlnet --control-image` use
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.cli import UserError, main
 from pipeline.store import Store
-from training.controlnet import ControlNetTransformer, train_controlnet
+from training.checkpoint import CONTROLNET_FILE
+from training.controlnet import ControlNetTransformer
 from training.hed import HED, edge_map, extract_edges, load_hed, read_edges, read_png
+from training.recipes import controlnet_config, losses, run_recipe
 
 pytest_plugins = ["conftest_train"]
 
@@ -49,7 +52,7 @@ def test_edges_stage_rows_follow_the_shards(edges_store: str):
 
 
 def test_zero_init_controlnet_equals_the_base(trained_run: Path):
-    from training.export import load_transformer
+    from training.checkpoint import load_transformer
 
     base = load_transformer(str(trained_run / "align"))
     net = ControlNetTransformer(base, blocks=1).eval()
@@ -68,11 +71,25 @@ def test_zero_init_controlnet_equals_the_base(trained_run: Path):
 
 
 def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run, tmp_path, kit):
-    path, losses = train_controlnet(
-        edges_store, str(trained_run / "align"), kit.TAG, "hed-256", str(tmp_path / "cn"),
-        view=kit.VIEW, steps=8, batch_size=4, lr=3e-3, progress=False,
+    out = tmp_path / "cn"
+    cfg = controlnet_config(
+        edges_store, str(trained_run / "align"), kit.TAG, "hed-256", str(out), view=kit.VIEW,
+        blocks=1, steps=8, batch_size=4, lr=3e-3, num_workers=0, log_every=1, sample_every=8,
+        validation_prompts=["a photo of a cat"],
     )  # fmt: skip
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    final = run_recipe(cfg, progress=False, device="cpu")
+    ls = losses(str(out))
+    assert np.mean(ls[-3:]) < np.mean(ls[:3]), ls
+    state = json.loads((Path(final) / "state.json").read_text())
+    assert state["objective"] == "controlnet" and state["controlnet_base"]
+    assert (Path(final) / CONTROLNET_FILE).is_file() and not (
+        Path(final) / "model.safetensors"
+    ).exists()
+    assert (out / "controlnet" / "samples" / "step-8.png").is_file()  # grid under the edge map
+    from training.checkpoint import load_transformer
+
+    with pytest.raises(UserError, match=r"is a ControlNet checkpoint: use its base"):
+        load_transformer(str(out))  # export / sample --checkpoint need the base
     edge = tmp_path / "edge.png"
     from PIL import Image
 
@@ -80,33 +97,46 @@ def test_training_lowers_the_loss_and_sampling_uses_it(edges_store, trained_run,
     args = ["sample", "--checkpoint", str(trained_run / "align"), "--prompt", "a cat",
             "--steps", "2", "--device", "cpu", "--quiet"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    assert (
-        main(
-            [
-                *args,
-                "--controlnet",
-                path,
-                "--control-image",
-                str(edge),
-                "--out",
-                str(tmp_path / "c"),
-            ]
-        )
-        == 0
-    )
+    control = ["--controlnet", str(out), "--control-image", str(edge), "--out", str(tmp_path / "c")]
+    assert main([*args, *control]) == 0
     a = np.asarray(Image.open(tmp_path / "plain" / "000_seed0.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "c" / "000_seed0.png"), dtype=np.int16)
     assert a.shape == b.shape and np.abs(a - b).max() > 0
 
 
-def test_controlnet_errors(trained_run, tmp_path, capsys):
-    from training.export import load_transformer
+def test_multi_scale_base_trains_and_resumes_exactly(edges_store, trained_run, tmp_path, kit):
+    """PixArt-δ's ControlNet on a multi-scale base: micro-conditions passed, edges encoded at
+    each batch's latent bucket, and --resume gives the same losses."""
+    from training.config import load_config
+    from training.train import train
 
-    with pytest.raises(ValueError, match="--blocks must be 1-2"):
+    stage = kit.tiny_stage(
+        "ms", features=kit.TAG_MS, multi_scale=True, steps=2, save_every=2,
+        init_from=str(trained_run / "align" / "checkpoints" / "step-4"),
+    )  # fmt: skip
+    path = kit.write_config(
+        tmp_path / "ms.toml", kit.tiny_run(edges_store, tmp_path / "base"), [stage]
+    )
+    base = train(load_config(str(path)), progress=False)["ms"]
+
+    def make(out):
+        return controlnet_config(
+            edges_store, base, kit.TAG_MS, "hed-256", out, blocks=1, steps=3, batch_size=2,
+            lr=1e-3, num_workers=0, log_every=1, bf16=True,
+        )  # fmt: skip
+
+    kit.assert_exact_resume(make, tmp_path, stop=2)
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["stages"][0]["multi_scale"]
+
+
+def test_controlnet_errors(trained_run, tmp_path, capsys):
+    from training.checkpoint import load_transformer
+
+    with pytest.raises(UserError, match="blocks must be 1-2"):
         ControlNetTransformer(load_transformer(str(trained_run / "align")), blocks=3)
     bad = tmp_path / "hed.pth"
     bad.write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot read weights"):
+    with pytest.raises(UserError, match="cannot read weights"):
         load_hed(str(bad))
     args = ["sample", "--checkpoint", str(trained_run), "--prompt", "x"]
     for extra in (["--control-image", "e.png"], ["--controlnet", "x", "--control-image", "e.png"]):

@@ -1,6 +1,7 @@
-"""LCM distillation: the consistency loss falls on the toy store, the student is a checkpoint that
-`alphaset sample --sampler lcm` loads (2 and 4 steps), LCM-LoRA saves adapters only and a LoRA
-checkpoint exports to diffusers with its adapters merged (training.export.load_transformer)."""
+"""LCM distillation as an objective of the one loop: the consistency loss falls on the toy store,
+the checkpoint is a plain transformer `alphaset sample --sampler lcm` loads (2 and 4 steps),
+--resume is exact (bf16 autocast on), LCM-LoRA saves adapters only and exports merged, and the
+front end's errors are one line."""
 
 from __future__ import annotations
 
@@ -13,41 +14,36 @@ import torch
 from safetensors import safe_open
 
 from pipeline.cli import main
-from training.distill import (
-    GUIDANCE_FILE,
-    GuidedStudent,
-    LcmConfig,
-    LcmObjective,
-    boundary_scalings,
-    ddim_timesteps,
-    distill_lcm,
-    ema_update,
-    make_student,
-)
-from training.export import export_diffusers, load_transformer
-from training.lora import LORA_FILE
+from training.checkpoint import GUIDANCE_FILE, LORA_FILE, load_transformer
+from training.distill import GuidedStudent, boundary_scalings, ddim_timesteps
+from training.export import export_diffusers
+from training.recipes import lcm_config, losses, run_recipe
 from training.sample import sample
 
 pytest_plugins = ["conftest_train"]
 
 
 @pytest.fixture(scope="module")
-def lcm_run(train_store, trained_run, tmp_path_factory, kit) -> tuple[Path, list[float]]:
+def lcm_run(train_store, trained_run, tmp_path_factory, kit) -> Path:
+    """A 6-step LCM distillation with a validation grid (the run folder)."""
     out = tmp_path_factory.mktemp("lcm") / "student"
-    cfg = LcmConfig(steps=4, batch_size=2, lr=1e-4)
-    path, losses = distill_lcm(
-        str(trained_run / "align"), train_store, kit.TAG, str(out), config=cfg
-    )
-    return Path(path), losses
+    cfg = lcm_config(
+        str(trained_run / "align"), train_store, kit.TAG, str(out), steps=6, batch_size=2,
+        lr=1e-3, num_workers=0, log_every=1, sample_every=6,
+        validation_prompts=["a photo of a cat"],
+    )  # fmt: skip
+    run_recipe(cfg, progress=False, device="cpu")
+    return out
 
 
 @pytest.fixture(scope="module")
 def lcm_lora(train_store, trained_run, tmp_path_factory, kit) -> Path:
     out = tmp_path_factory.mktemp("lcm-lora") / "student"
-    cfg = LcmConfig(steps=3, batch_size=2, lr=5e-3, lora=4)
-    return Path(
-        distill_lcm(str(trained_run / "align"), train_store, kit.TAG, str(out), config=cfg)[0]
-    )
+    cfg = lcm_config(
+        str(trained_run / "align"), train_store, kit.TAG, str(out), steps=3, batch_size=2,
+        lr=5e-3, lora=4, num_workers=0,
+    )  # fmt: skip
+    return Path(run_recipe(cfg, progress=False))
 
 
 def test_schedule_and_boundary_conditions():
@@ -58,42 +54,34 @@ def test_schedule_and_boundary_conditions():
     assert c_skip.flatten()[1] < 1e-6 and abs(float(c_out.flatten()[1]) - 1.0) < 1e-6
 
 
-def test_consistency_loss_falls_on_a_toy_batch(train_store: str, trained_run: Path, kit):
-    """A few optimiser steps on one batch of the toy store (same n, w and noise each step)."""
-    from training.data import FeatureBatches, make_loader, open_features
-
-    fset = open_features(train_store, kit.TAG, resolution=256, multi_scale=False)
-    batch = next(iter(make_loader(FeatureBatches(fset, 2, seed=0, caption_dropout=0.0))))
-    cfg = LcmConfig(lr=1e-4)
-    teacher = load_transformer(str(trained_run / "align"))
-    student, target, _ = make_student(load_transformer(str(trained_run / "align")), None)
-    objective = LcmObjective(teacher, cfg, fset.null_t5, fset.null_mask, 4, False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    losses = []
-    for _ in range(5):
-        loss = objective.loss(student, target, batch, torch.Generator().manual_seed(3))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema_update(target, student, cfg.ema)
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0] and losses == sorted(losses, reverse=True), losses
-
-
-def test_distill_run_and_checkpoint_layout(lcm_run, trained_run: Path):
-    path, losses = lcm_run
-    assert len(losses) == 4 and all(np.isfinite(losses)) and max(losses) > 0
-    state = json.loads((path / "state.json").read_text())
-    assert state["stage"] == "lcm" and state["step"] == 4 and state["lora_base"] is None
-    assert state["lcm"]["teacher"].startswith(str(trained_run / "align"))
-    assert state["lcm"]["w_min"] == 3.0 and state["lcm"]["w_max"] == 15.0
-    for name in ("model.safetensors", "ema.safetensors", GUIDANCE_FILE, "metrics.jsonl"):
-        assert (path / name).is_file(), name
+def test_distill_run_and_checkpoint_layout(lcm_run: Path, trained_run: Path):
+    ls = losses(str(lcm_run))
+    assert len(ls) == 6 and all(np.isfinite(ls)) and max(ls) > 0
+    assert np.mean(ls[-2:]) < np.mean(ls[:2]), ls
+    ckpt = lcm_run / "lcm" / "checkpoints" / "step-6"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["objective"] == "lcm" and state["step"] == 6 and state["lora_base"] is None
+    assert state["lcm_teacher"].startswith(str(trained_run / "align"))
+    stage = state["config"]["stages"][0]
+    assert stage["lcm"]["w_min"] == 3.0 and stage["lcm"]["target_ema"] == 0.95
+    for name in ("model.safetensors", "ema.safetensors", GUIDANCE_FILE, "optimizer.pt"):
+        assert (ckpt / name).is_file(), name
+    assert (lcm_run / "stages.toml").is_file() and (
+        lcm_run / "lcm" / "samples" / "step-6.png"
+    ).is_file()
     # The saved model is a plain PixArt transformer; the guidance embedding moved its bias.
-    student = load_transformer(str(path))
+    student = load_transformer(str(lcm_run))
     teacher = load_transformer(str(trained_run / "align"))
     key = "adaln_single.emb.timestep_embedder.linear_2.bias"
     assert not torch.equal(student.state_dict()[key], teacher.state_dict()[key])
+
+
+def test_the_written_config_trains_again(lcm_run: Path, tmp_path: Path):
+    """OUT/stages.toml is a config `alphaset train --config` reads back unchanged."""
+    from training.config import load_config
+
+    cfg = load_config(str(lcm_run / "stages.toml"))
+    assert json.loads(cfg.to_json()) == json.loads((lcm_run / "config.json").read_text())
 
 
 def test_guidance_embedding_starts_at_zero_and_folds_exactly(trained_run: Path):
@@ -112,11 +100,20 @@ def test_guidance_embedding_starts_at_zero_and_folds_exactly(trained_run: Path):
     assert torch.allclose(guided, plain, atol=1e-5)
 
 
+def test_lcm_resume_is_exact_with_bf16(train_store, trained_run, tmp_path, kit):
+    def make(out):
+        return lcm_config(
+            str(trained_run / "align"), train_store, kit.TAG, out, steps=3, batch_size=2,
+            lr=1e-3, num_workers=0, log_every=1, bf16=True,
+        )  # fmt: skip
+
+    kit.assert_exact_resume(make, tmp_path, stop=2)
+
+
 @pytest.mark.parametrize("steps", [2, 4])
-def test_student_samples_with_lcm(lcm_run, steps: int, tmp_path: Path):
-    path, _ = lcm_run
+def test_student_samples_with_lcm(lcm_run: Path, steps: int, tmp_path: Path):
     code = main([
-        "sample", "--checkpoint", str(path), "--sampler", "lcm", "--steps", str(steps),
+        "sample", "--checkpoint", str(lcm_run), "--sampler", "lcm", "--steps", str(steps),
         "--prompt", "a photo of a cat", "--out", str(tmp_path), "--device", "cpu",
     ])  # fmt: skip
     assert code == 0
@@ -128,13 +125,13 @@ def test_student_samples_with_lcm(lcm_run, steps: int, tmp_path: Path):
     assert img.size == (256, 256)
 
 
-def test_lcm_lora_saves_adapters_samples_and_exports_merged(lcm_lora, tmp_path: Path):
+def test_lcm_lora_saves_adapters_samples_and_exports_merged(lcm_lora: Path, tmp_path: Path):
     assert not (lcm_lora / "model.safetensors").exists()
     with safe_open(str(lcm_lora / LORA_FILE), "pt") as f:
         assert all(".lora_" in k for k in f.keys())
     state = json.loads((lcm_lora / "state.json").read_text())
-    assert state["lora_base"] and state["lcm"]["lora"] == 4
-    # (C) the base with the adapters merged into plain weights = the base + live adapters.
+    assert state["lora_base"] and state["config"]["stages"][0]["lora"]["rank"] == 4
+    # the base with the adapters merged into plain weights = the base + live adapters.
     from training.sample import load_model
 
     live = load_model(str(lcm_lora)).pipe.transformer
@@ -157,11 +154,18 @@ def test_distill_errors(tmp_path: Path, train_store: str, trained_run: Path, kit
     cases = [
         (["--teacher", str(tmp_path / "nope"), "--features", kit.TAG], "--teacher"),
         (["--teacher", teacher, "--features", "nosuchtag"], "no features/nosuchtag"),
-        (["--teacher", teacher, "--features", kit.TAG, "--steps", "0"], "--steps must be >= 1"),
-        (["--teacher", teacher, "--features", kit.TAG, "--lora", "0"], "--lora rank must be >= 1"),
+        (["--teacher", teacher, "--features", kit.TAG, "--steps", "0"], "steps must be a positive"),
+        (
+            ["--teacher", teacher, "--features", kit.TAG, "--lora", "0"],
+            "rank must be an integer >= 1",
+        ),
+        (["--teacher", teacher, "--features", kit.TAG, "--seed", "-1"], "seed must be an integer"),
+        (["--teacher", teacher, "--features", kit.TAG, "--device", "tpu9"], "--device"),
     ]
     for extra, msg in cases:
-        args = ["distill", "lcm", "--store", train_store, "--out", str(tmp_path / "o"), *extra]
+        out = tmp_path / "o"
+        args = ["distill", "lcm", "--store", train_store, "--out", str(out), "--quiet", *extra]
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and msg in err, err
+        assert not out.exists(), extra  # nothing written before the check

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from training.checkpoint import read_state
 from training.config import load_config
-from training.distributed import train_distributed
-from training.train import read_state
+from training.launch import train_distributed
 
 pytest_plugins = ["conftest_train"]
 
@@ -43,3 +43,22 @@ def test_two_ddp_workers_stay_in_sync_on_disjoint_samples(kit, train_store, tmp_
         for x in (tmp_path / "runs" / "t" / "ddp" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [m["step"] for m in metrics] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_lcm_front_end_on_two_ddp_workers(kit, train_store, trained_run, tmp_path, ray_local):
+    """`alphaset distill lcm --workers 2`: the student (with its guidance hook), the teacher and
+    the EMA target on two gloo ranks stay identical; checkpoints written once by rank 0."""
+    from pipeline.cli import main
+
+    out = tmp_path / "lcm"
+    code = main([
+        "distill", "lcm", "--teacher", str(trained_run / "align"), "--store", train_store,
+        "--features", kit.TAG, "--steps", "2", "--batch-size", "2", "--lr", "1e-3",
+        "--workers", "2", "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    state = read_state(str(out / "lcm" / "checkpoints" / "step-2"))
+    assert state["world_size"] == 2 and state["objective"] == "lcm"
+    sums = state["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main
-from training.export import export_diffusers, pipeline_transformer_config, resolve_checkpoint
+from pipeline.cli import UserError, main
+from training.checkpoint import resolve_step as resolve_checkpoint
+from training.export import export_diffusers, pipeline_transformer_config
 from training.model import build_transformer, micro_conditions, transformer_config
 
 pytest_plugins = ["conftest_train"]
@@ -49,9 +50,9 @@ def test_exported_pipeline_generates(trained_run, tmp_path, capsys):
     assert np.asarray(image).std() > 0
 
     # the exported folder also starts a new stage (init_from a diffusers pipeline folder)
-    from training.train import init_source
+    from training.checkpoint import load_state_dict
 
-    assert torch.equal(init_source(str(out))["proj_out.weight"], ema["proj_out.weight"])
+    assert torch.equal(load_state_dict(str(out))["proj_out.weight"], ema["proj_out.weight"])
 
 
 def test_checkpoint_forms_and_errors(trained_run, tmp_path):
@@ -61,13 +62,13 @@ def test_checkpoint_forms_and_errors(trained_run, tmp_path):
         trained_run / "pixel" / "checkpoints" / "step-4"
     )
     assert resolve_checkpoint(final) == final
-    with pytest.raises(FileNotFoundError, match=r"--checkpoint .*: no such folder"):
+    with pytest.raises(UserError, match=r"--checkpoint .*: no such folder"):
         resolve_checkpoint(str(tmp_path / "none"))
-    with pytest.raises(FileNotFoundError, match=r"not a checkpoint"):
+    with pytest.raises(UserError, match=r"not a checkpoint"):
         resolve_checkpoint(str(tmp_path))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
-    with pytest.raises(ValueError, match=r"exists and is not empty"):
+    with pytest.raises(UserError, match=r"exists and is not empty"):
         export_diffusers(final, str(tmp_path / "busy"))
 
 

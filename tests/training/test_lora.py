@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from pipeline.cli import main
-from training.lora import LORA_FILE, METADATA_KEY, LoraOptions, parse_lora_arg, train_lora
+from pipeline.cli import UserError, main
+from training.checkpoint import LORA_FILE
+from training.lora import METADATA_KEY, LoraOptions, parse_lora_arg
+from training.recipes import train_lora
 from training.sample import sample
 
 pytest_plugins = ["conftest_train"]
@@ -60,11 +62,11 @@ def test_adapter_loads_back_and_changes_the_output(lora_ckpt: Path, trained_run:
 
 
 def test_lora_errors(tmp_path: Path, trained_run: Path, capsys):
-    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+    with pytest.raises(UserError, match="rank must be an integer >= 1"):
         LoraOptions.from_dict({"rank": 0})
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(UserError, match="unknown key"):
         LoraOptions.from_dict({"rnk": 4})
-    with pytest.raises(ValueError, match="expected PATH"):
+    with pytest.raises(UserError, match="expected PATH"):
         parse_lora_arg("nothere.safetensors:big")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

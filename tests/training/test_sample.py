@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli import UserError, main
 from training.sample import (
     GRID_FILE,
     RESULT_FILE,
@@ -195,7 +195,7 @@ def test_low_vram_matches_the_normal_path(exports):
         assert diff.mean() < 3.0, diff.mean()  # of 255: tiles normalise their own activations
     # T5 was freed
     assert model.pipe.text_encoder is None
-    with pytest.raises(ValueError, match="text encoder was freed"):
+    with pytest.raises(UserError, match="text encoder was freed"):
         generate(model, PROMPTS[:1], SampleSettings(steps=2, low_vram=True))
 
 
@@ -278,18 +278,18 @@ def test_learned_variance_takes_the_text_branch_under_guidance():
 def test_library_errors(exports, tmp_path):
     export = str(exports["single"])
     with pytest.raises(
-        ValueError, match=r"unknown sampler 'euler' \(samplers: dpm, sa, iddpm, lcm\)"
+        UserError, match=r"unknown sampler 'euler' \(samplers: dpm, sa, iddpm, lcm\)"
     ):
         sample(export, PROMPTS, sampler="euler")
-    with pytest.raises(ValueError, match=r"--size 12x: expected WxH in pixels"):
+    with pytest.raises(UserError, match=r"--size 12x: expected WxH in pixels"):
         sample(export, PROMPTS, size="12x")
-    with pytest.raises(ValueError, match=r"--size 0x512: width and height must be positive"):
+    with pytest.raises(UserError, match=r"--size 0x512: width and height must be positive"):
         sample(export, PROMPTS, size="0x512")
-    with pytest.raises(ValueError, match=r"--steps must be 1-50 for lcm, got 60"):
+    with pytest.raises(UserError, match=r"--steps must be 1-50 for lcm, got 60"):
         sample(export, PROMPTS, sampler="lcm", steps=60)
-    with pytest.raises(ValueError, match=r"--cfg must be >= 0"):
+    with pytest.raises(UserError, match=r"--cfg must be >= 0"):
         sample(export, PROMPTS, cfg=-1.0)
-    with pytest.raises(ValueError, match=r"no prompts"):
+    with pytest.raises(UserError, match=r"no prompts"):
         sample(export, [])
     with pytest.raises(FileNotFoundError, match=r"--checkpoint .*nowhere: no such folder"):
         sample(str(tmp_path / "nowhere"), PROMPTS)
@@ -298,7 +298,7 @@ def test_library_errors(exports, tmp_path):
         sample(str(tmp_path / "empty"), PROMPTS)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_index.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"broken: not a loadable PixArtAlphaPipeline folder"):
+    with pytest.raises(UserError, match=r"broken: not a loadable PixArtAlphaPipeline folder"):
         sample(str(tmp_path / "broken"), PROMPTS)
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from pipeline.cli import UserError, main
 from pipeline.store import StoreError
+from training.checkpoint import read_state
 from training.config import load_config
-from training.train import read_state, train
+from training.train import train
 
 pytest_plugins = ["conftest_train"]
 
@@ -89,7 +90,7 @@ def test_resume_continues_exactly(kit, train_store, tmp_path):
     finals = train(load_config(str(parts)), stop_after=3, progress=False)
     assert finals == {}
     assert (tmp_path / "b" / "t" / "s" / "checkpoints" / "step-3").is_dir()
-    with pytest.raises(ValueError, match=r"already has stage\(s\) s; pass --resume"):
+    with pytest.raises(UserError, match=r"already has stage\(s\) s; pass --resume"):
         train(load_config(str(parts)), progress=False)
     train(load_config(str(parts)), resume=True, progress=False)
     a, b = _metrics(tmp_path / "a" / "t" / "s"), _metrics(tmp_path / "b" / "t" / "s")
@@ -112,9 +113,7 @@ def test_resume_refuses_changed_settings(kit, train_store, tmp_path):
         kit.tiny_run(train_store, tmp_path),
         [kit.tiny_stage("s", steps=4, lr=0.5)],
     )
-    with pytest.raises(
-        ValueError, match=r"stage 's' was started with other settings \(lr differ\)"
-    ):
+    with pytest.raises(UserError, match=r"stage 's' was started with other settings \(lr differ\)"):
         train(load_config(str(changed)), resume=True, progress=False)
 
 
@@ -149,7 +148,7 @@ def test_multi_scale_stage_from_a_single_scale_checkpoint(kit, train_store, trai
             r"stage 's': trains at 512 px but features/tiny256 was extracted at 256 px",
         ),
         ({"view": "missing"}, r"stage 's': no view 'missing'"),
-        ({"init_from": "/no/such/ckpt"}, r"init_from /no/such/ckpt: not a training checkpoint"),
+        ({"init_from": "/no/such/ckpt"}, r"init_from /no/such/ckpt: no such folder"),
     ],
 )
 def test_start_up_errors_before_any_model(kit, train_store, tmp_path, stage, match, monkeypatch):
@@ -162,7 +161,7 @@ def test_start_up_errors_before_any_model(kit, train_store, tmp_path, stage, mat
     path = kit.write_config(
         tmp_path / "s.toml", kit.tiny_run(train_store, tmp_path), [kit.tiny_stage("s", **stage)]
     )
-    with pytest.raises((ValueError, FileNotFoundError, StoreError), match=match):
+    with pytest.raises((UserError, FileNotFoundError, StoreError), match=match):
         train(load_config(str(path)), progress=False)
     assert not (tmp_path / "t").exists()
 
@@ -192,3 +191,39 @@ def test_cli_train_and_one_line_errors(kit, train_store, tmp_path, capsys):
     )  # the config's store does not exist
     err = capsys.readouterr().err.strip()
     assert err.startswith("alphaset train: error: no store at") and "\n" not in err
+
+
+def test_metrics_have_one_line_per_step_after_a_kill_and_resume(kit, train_store, tmp_path):
+    """A run killed after logging step 3 but before its step-3 checkpoint: the resumed run
+    continues from step 2 and metrics.jsonl ends with exactly one line per step."""
+    import shutil
+
+    stage = kit.tiny_stage("s", steps=4, save_every=2)
+    path = kit.write_config(tmp_path / "a.toml", kit.tiny_run(train_store, tmp_path), [stage])
+    train(load_config(str(path)), stop_after=3, progress=False)
+    sdir = tmp_path / "t" / "s"
+    shutil.rmtree(sdir / "checkpoints" / "step-3")  # the kill: step 3 logged, never saved
+    assert [json.loads(x)["step"] for x in (sdir / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    train(load_config(str(path)), resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (sdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_runs_folder_must_be_a_posix_path(kit, train_store, tmp_path, monkeypatch, capsys):
+    """An fsspec URL as the runs folder is one line, before anything (not even a local
+    ``s3:/bucket`` folder) is written."""
+    monkeypatch.chdir(tmp_path)
+    path = kit.write_config(
+        tmp_path / "s.toml", kit.tiny_run(train_store, "runs"), [kit.tiny_stage("s")]
+    )
+    for url in ("s3://bucket/runs", "gs://b/r", "file:///tmp/r"):
+        with pytest.raises(UserError, match=r"must be a shared POSIX path"):
+            load_config(str(path), dir=url)
+        assert main(["train", "--config", str(path), "--runs", url, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "POSIX" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]

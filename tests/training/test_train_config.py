@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import UserError
 from training.config import config_from_json, load_config
 
 pytest_plugins = ["conftest_train"]
@@ -60,28 +61,36 @@ def test_overrides_replace_run_keys(kit, tmp_path):
             r"mixed_precision must be one of \('bf16', 'no'\), got 'fp8'",
         ),
         ({"strategy": "zero3"}, {}, r"strategy must be one of \('ddp', 'fsdp'\), got 'zero3'"),
+        ({"seed": -1}, {}, r"\[run\] seed must be an integer in \[0, 2\*\*32\), got -1"),
+        ({}, {"objective": "gan"}, r"objective must be one of \('diffusion', 'lcm'"),
+        ({}, {"objective": "lcm"}, r"objective 'lcm' fine-tunes a trained model; init_from"),
+        (
+            {},
+            {"objective": "controlnet", "init_from": "/x"},
+            r"\[stage.controlnet\]: edges is required",
+        ),
     ],
 )
 def test_bad_values_name_value_and_allowed(kit, tmp_path, run, stage, match):
     path = kit.write_config(
         tmp_path / "s.toml", kit.tiny_run("st", tmp_path, **run), [kit.tiny_stage("s", **stage)]
     )
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         load_config(str(path))
 
 
 def test_structure_errors(kit, tmp_path):
     (tmp_path / "a.toml").write_text('[run]\nname = "r"\nstore = "s"\n\n[stage]\nname = "x"\n')
-    with pytest.raises(ValueError, match=r"write \[\[stage\]\], not \[stage\]"):
+    with pytest.raises(UserError, match=r"write \[\[stage\]\], not \[stage\]"):
         load_config(str(tmp_path / "a.toml"))
     (tmp_path / "b.toml").write_text('[run]\nname = "r"\nstore = "s"\n[extras]\nx = 1\n')
-    with pytest.raises(ValueError, match=r"unknown table \[extras\]"):
+    with pytest.raises(UserError, match=r"unknown table \[extras\]"):
         load_config(str(tmp_path / "b.toml"))
     (tmp_path / "c.toml").write_text('[run]\nname = "r"\nstore = "s"\n[[stage]]\nname = "x"\n')
-    with pytest.raises(ValueError, match=r"features is required"):
+    with pytest.raises(UserError, match=r"features is required"):
         load_config(str(tmp_path / "c.toml"))
     (tmp_path / "d.toml").write_text("[run\n")
-    with pytest.raises(ValueError, match=r"not valid TOML"):
+    with pytest.raises(UserError, match=r"not valid TOML"):
         load_config(str(tmp_path / "d.toml"))
     with pytest.raises(FileNotFoundError, match=r"no config file"):
         load_config(str(tmp_path / "missing.toml"))
@@ -90,11 +99,11 @@ def test_structure_errors(kit, tmp_path):
         kit.tiny_stage("single", init_from="previous"),
     ]
     with pytest.raises(
-        ValueError, match=r"stage 'single' starts from multi-scale stage 'ms', so it must be"
+        UserError, match=r"stage 'single' starts from multi-scale stage 'ms', so it must be"
     ):
         load_config(str(kit.write_config(tmp_path / "f.toml", kit.tiny_run("s", tmp_path), stages)))
     stages = [kit.tiny_stage("same"), kit.tiny_stage("same", init_from="previous")]
-    with pytest.raises(ValueError, match=r"stage names must be unique, 'same' is repeated"):
+    with pytest.raises(UserError, match=r"stage names must be unique, 'same' is repeated"):
         load_config(str(kit.write_config(tmp_path / "e.toml", kit.tiny_run("s", tmp_path), stages)))
 
 
@@ -108,3 +117,33 @@ def test_shipped_configs_parse(kit, name):
         assert cfg.model == "pixart-xl-2"
         assert [s.resolution for s in cfg.stages][-1] == 1024 and cfg.stages[-1].multi_scale
         assert all(s.lr == 2e-5 and s.grad_clip == 0.01 and s.ema == 0.9999 for s in cfg.stages)
+
+
+def test_objective_tables_validate_like_every_key(kit, tmp_path):
+    base = tmp_path / "base"
+    run = kit.tiny_run("st", tmp_path)
+    lines = kit.write_config(
+        tmp_path / "x.toml", run, [kit.tiny_stage("s", objective="lcm", init_from=str(base))]
+    ).read_text()
+    (tmp_path / "a.toml").write_text(lines + "\n[stage.lcm]\nguidance = 6.0\n")
+    cfg = load_config(str(tmp_path / "a.toml"))
+    assert cfg.stages[0].lcm["guidance"] == 6.0 and cfg.stages[0].lcm["ddim_steps"] == 50
+    assert cfg.stages[0].settings.target_ema == 0.95
+    for table, match in [
+        (
+            "[stage.lcm]\nguidanse = 6.0\n",
+            r"\[stage.lcm\]: unknown key 'guidanse' \(allowed: ddim_steps",
+        ),
+        ("[stage.lcm]\nddim_steps = 33\n", r"ddim_steps must divide 1000, got 33"),
+        ('[stage.lcm]\nw_min = "high"\n', r"w_min must be float, got 'high'"),
+        (
+            '[stage.dreambooth]\ninstance_dir = "d"\n',
+            r"\[stage.dreambooth\] is set but objective = 'lcm'",
+        ),
+    ]:
+        (tmp_path / "b.toml").write_text(lines + "\n" + table)
+        with pytest.raises(UserError, match=match):
+            load_config(str(tmp_path / "b.toml"))
+    # The resolved config written back as TOML reads back equal (what the front ends write).
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert load_config(str(tmp_path / "c.toml")).to_dict() == cfg.to_dict()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cli import UserError
 from pipeline.store import Store, StoreError
 from pipeline.views import view_keys
 from training.data import DataPosition, FeatureBatches, open_features, read_shard
@@ -51,12 +52,12 @@ def test_open_features_describes_the_tag(train_store):
         ),
         (
             {"resolution": 512},
-            ValueError,
+            UserError,
             r"trains at 512 px but features/tiny256 was extracted at 256 px",
         ),
         (
             {"multi_scale": True},
-            ValueError,
+            UserError,
             r"multi_scale = true but features/tiny256 is single-scale",
         ),
         (
@@ -180,8 +181,8 @@ def test_stream_resumes_exactly_from_a_position(train_store):
 def test_too_few_samples_for_the_layout(train_store):
     fset = _fset(train_store, view=VIEW)
     with pytest.raises(
-        ValueError, match=r"fewer than one batch of 8 per worker; lower batch_size or num_workers"
+        UserError, match=r"fewer than one batch of 8 per worker; lower batch_size or num_workers"
     ):
         FeatureBatches(fset, 8, seed=0, world_size=2)
-    with pytest.raises(ValueError, match=r"has 4 shard\(s\), fewer than the 5 workers"):
+    with pytest.raises(UserError, match=r"has 4 shard\(s\), fewer than the 5 workers"):
         FeatureBatches(_fset(train_store), 1, seed=0, world_size=5, rank=4)
