@@ -46,6 +46,10 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "no")
 STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("diffusion", "lcm", "controlnet", "dreambooth")
+LR_SCALES = ("none", "sqrt", "linear")  # PixArt's auto_lr rules (diffusion/utils/optimizer.py)
+LR_BASE_BATCH = 256  # PixArt's base_batch_size: lr × sqrt|linear(global batch / 256)
+MICRO_CONDITIONS = ("original", "bucket")
+NULLS = ("t5-empty", "y_embedding")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://…, gs://…, file:/… (not C:\\)
 
@@ -157,6 +161,19 @@ class StageConfig:
     multi_scale: bool = False  # aspect-ratio buckets + resolution/aspect micro-conditions
     batch_size: int = 4  # per worker (global batch = batch_size × workers)
     lr: float = 2e-5
+    # none: lr as given; sqrt / linear: lr × sqrt(global batch / 256) or × global batch / 256,
+    # PixArt's auto_lr (its released configs use sqrt); the effective lr is logged and recorded.
+    lr_scale: str = "none"
+    # The positional-embedding scale: a number, "alpha" (PixArt-α's table: 1.0 at 256/512, 2.0 at
+    # 1024) or "sigma" (0.5 / 1.0 / 2.0); unset: an init_from checkpoint's own, else "alpha".
+    pe_interpolation: Any = None
+    # Multi-scale micro-conditions: "original" (PixArt: the source image's height/width and the
+    # bucket's ratio key) or "bucket" (the bucket's pixel size and h/w).
+    micro_conditions: str = "original"
+    # The unconditional caption of caption dropout and validation CFG: "t5-empty" (T5(""), the
+    # features' _null.npz, as diffusers samples) or "y_embedding" (PixArt's learned null, from an
+    # imported PixArt checkpoint of this run).
+    null: str = "t5-empty"
     warmup: int = 1000
     lr_schedule: str = "constant"
     weight_decay: float = 0.03
@@ -246,6 +263,22 @@ class StageConfig:
             raise UserError(f"{where}: validation_prompts must be non-empty strings")
         if self.guidance_scale < 1:
             raise UserError(f"{where}: guidance_scale must be >= 1, got {self.guidance_scale!r}")
+        for key, allowed in (
+            ("lr_scale", LR_SCALES),
+            ("micro_conditions", MICRO_CONDITIONS),
+            ("null", NULLS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise UserError(
+                    f"{where}: {key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
+        if self.pe_interpolation is not None:
+            from training.model import pe_interpolation
+
+            try:
+                pe_interpolation(self.resolution, self.pe_interpolation)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
 
     def _validate_objective(self, where: str) -> None:
         """The objective's name, its table (keys, types, values, defaults filled in) and what

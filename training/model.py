@@ -222,10 +222,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     return missing
 
 
-def micro_conditions(hw: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``added_cond_kwargs`` for a batch of (height, width) pixel sizes: (N, 2) and (N, 1)."""
+def micro_conditions(
+    hw: torch.Tensor, dtype: torch.dtype, aspect: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``added_cond_kwargs`` for a batch of (height, width) pixel sizes (N, 2) and aspect ratios
+    (N, 1); ``aspect`` None: h / w of ``hw``."""
     hw = hw.to(dtype)
-    return {"resolution": hw, "aspect_ratio": (hw[:, 0] / hw[:, 1]).unsqueeze(1)}
+    if aspect is None:
+        aspect = (hw[:, 0] / hw[:, 1]).unsqueeze(1)
+    return {"resolution": hw, "aspect_ratio": aspect.to(dtype)}
 
 
 def count_parameters(model: nn.Module) -> int:

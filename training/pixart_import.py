@@ -20,13 +20,13 @@ sampling can use it as the unconditional input (``null = "y_embedding"``).
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from pipeline.cli import UserError
 from training.model import PRESETS, pe_interpolation
 
 # PixArt name → diffusers name, for the tensors that only move (prefix rewrites, in order).
@@ -57,7 +57,7 @@ _DROPPED = ("pos_embed",)  # a fixed sin-cos buffer diffusers recomputes from th
 Y_EMBEDDING = "y_embedder.y_embedding"
 
 
-class PixArtCheckpointError(ValueError):
+class PixArtCheckpointError(UserError, ValueError):
     """A file that is not a PixArt-α/δ transformer checkpoint (the message says why)."""
 
 
@@ -80,7 +80,7 @@ def read_pth(path: str, weights: str = "state_dict") -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PixArtCheckpointError(f"no such checkpoint file: {path}") from None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # garbage makes torch.load raise almost anything (struct.error …)
         text = str(e).strip()  # torch's "invalid load key", "Weights only load failed. …"
         first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         raise PixArtCheckpointError(f"{path}: not a loadable .pth ({first})") from None
@@ -217,3 +217,74 @@ def import_pixart(
         multi_scale=multi_scale,
         y_embedding=None if y is None else y.detach().clone(),
     )
+
+
+# ---- the imported checkpoint folder ---------------------------------------------------------
+Y_EMBEDDING_FILE = "y_embedding.safetensors"
+IMPORT_INFO = "alphaset_import.json"
+
+
+def write_import(
+    pth: str,
+    out: str,
+    *,
+    weights: str = "state_dict",
+    resolution: int | None = None,
+    pe_scale: float | str | None = None,
+    num_heads: int | None = None,
+) -> PixArtImport:
+    """``alphaset import pixart``: a diffusers transformer folder (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``, what ``init_from``, ``export`` and diffusers load)
+    plus ``y_embedding.safetensors`` and ``alphaset_import.json`` (source, inferred settings).
+    Written to a temporary folder and renamed, so ``out`` appears only complete."""
+    import json
+    import os
+    import shutil
+
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise PixArtCheckpointError(f"--out {out} exists and is not empty; choose a new folder")
+    got = import_pixart(read_pth(pth, weights), resolution, pe_scale, num_heads)
+    model = PixArtTransformer2DModel(**got.config)
+    model.load_state_dict(got.state_dict, strict=True)
+    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if got.y_embedding is not None:
+            save_file({"y_embedding": got.y_embedding.contiguous()}, f"{tmp}/{Y_EMBEDDING_FILE}")
+        info = {
+            "source": os.path.abspath(pth),
+            "weights": weights,
+            "resolution": got.resolution,
+            "multi_scale": got.multi_scale,
+            "pe_interpolation": got.config["interpolation_scale"],
+            "y_embedding": got.y_embedding is not None,
+        }
+        with open(f"{tmp}/{IMPORT_INFO}", "w") as f:
+            json.dump(info, f, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return got
+
+
+def load_y_embedding(source: str) -> torch.Tensor | None:
+    """PixArt's learned null caption from a ``.pth`` or a folder written by `write_import`
+    (None when the source has none)."""
+    import os
+
+    if source.endswith(".pth") and os.path.isfile(source):
+        y = read_pth(source).get(Y_EMBEDDING)
+        return None if y is None else y.float()
+    path = os.path.join(source, Y_EMBEDDING_FILE)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return load_file(path)["y_embedding"].float()
+    return None
