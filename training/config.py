@@ -70,9 +70,14 @@ class LcmSettings:
     """``[stage.lcm]``: PixArt-δ's latent consistency distillation (see training.distill)."""
 
     ddim_steps: int = 50  # the skipping schedule: t_n every 1000 / ddim_steps
-    w_min: float = 3.0  # guidance scale range the student learns
+    # PixArt-δ (default): the teacher guides with a fixed w in PixArt's form cond + w·(cond −
+    # uncond), i.e. diffusers' scale w + 1 (4.5 → 5.5), and the student has no w-embedding.
+    teacher_guidance: float = 4.5
+    # The LCM paper's variant: w ~ U[w_min, w_max] (diffusers' form) embedded into the student.
+    guidance_embedding: bool = False
+    w_min: float = 3.0  # guidance scale range the student learns (guidance_embedding)
     w_max: float = 15.0
-    guidance: float = 4.5  # the w folded into the saved model
+    guidance: float = 4.5  # the w folded into the saved model (guidance_embedding)
     target_ema: float = 0.95  # decay of the EMA target network (the saved EMA weights)
     huber_c: float = 0.001
     sigma_data: float = 0.5
@@ -92,6 +97,8 @@ class LcmSettings:
             )
         if not self.guidance >= 1:
             raise UserError(f"{where}: guidance must be >= 1, got {self.guidance}")
+        if not self.teacher_guidance >= 0:
+            raise UserError(f"{where}: teacher_guidance must be >= 0, got {self.teacher_guidance}")
         if not 0 <= self.target_ema < 1:
             raise UserError(f"{where}: target_ema must be in [0, 1), got {self.target_ema}")
         for key in ("huber_c", "sigma_data", "timestep_scaling"):

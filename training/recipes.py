@@ -92,16 +92,22 @@ def lcm_config(
     teacher: str, store: str, features: str, out: str, *, view: str | None = None,
     steps: int = 1000, batch_size: int = 2, lr: float = 2e-5, lora: int | None = None,
     guidance: float = 4.5, ema: float = 0.95, save_every: int | None = None,
-    sample_every: int = 0, validation_prompts: list[str] | None = None, **run: Any,
+    sample_every: int = 0, validation_prompts: list[str] | None = None,
+    guidance_embedding: bool = False, teacher_guidance: float = 4.5, grad_clip: float = 0.01,
+    **run: Any,
 ) -> RunConfig:  # fmt: skip
     """``alphaset distill lcm``: an ``objective = "lcm"`` stage on ``teacher`` (``ema``: the
-    target network's decay)."""
+    target network's decay). PixArt-δ's recipe by default: fixed teacher guidance, no
+    w-embedding, grad clip 0.01; ``guidance_embedding``: the LCM paper's w ~ U[3, 15] embedded."""
     path, cfg, settings = base_run(teacher, "--teacher")
     stage = {
         "name": "lcm", "objective": "lcm", "features": features, "view": view,
         "resolution": int(settings["resolution"]), "multi_scale": bool(settings.get("multi_scale")),
-        "init_from": path, "lora": _lora(lora), "lcm": {"guidance": float(guidance), "target_ema": float(ema)},
+        "init_from": path, "lora": _lora(lora),
+        "lcm": {"guidance": float(guidance), "target_ema": float(ema),
+                "guidance_embedding": guidance_embedding, "teacher_guidance": float(teacher_guidance)},
         **_loop(steps, batch_size, lr, save_every, ema), **_validation(sample_every, validation_prompts),
+        "grad_clip": grad_clip,  # PixArt-δ's LCM config: gradient_clip = 0.01
     }  # fmt: skip
     return one_stage(out, store, cfg, stage, **run)
 
