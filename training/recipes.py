@@ -116,15 +116,20 @@ def controlnet_config(
     store: str, base: str, features: str, edges: str, out: str, *, view: str | None = None,
     blocks: int = 13, steps: int = 1000, batch_size: int = 4, lr: float = 2e-5, ema: float = 0.0,
     save_every: int | None = None, sample_every: int = 0,
-    validation_prompts: list[str] | None = None, **run: Any,
+    validation_prompts: list[str] | None = None, caption_dropout: float = 0.5,
+    grad_clip: float = 0.01, weight_decay: float = 0.03, **run: Any,
 ) -> RunConfig:  # fmt: skip
-    """``alphaset finetune controlnet``: an ``objective = "controlnet"`` stage on ``base``."""
+    """``alphaset finetune controlnet``: an ``objective = "controlnet"`` stage on ``base``, with
+    PixArt-δ's loop settings by default."""
     path, cfg, settings = base_run(base, "--base")
     stage = {
         "name": "controlnet", "objective": "controlnet", "features": features, "view": view,
         "resolution": int(settings["resolution"]), "multi_scale": bool(settings.get("multi_scale")),
         "init_from": path, "controlnet": {"edges": edges, "blocks": blocks},
         **_loop(steps, batch_size, lr, save_every, ema), **_validation(sample_every, validation_prompts),
+        # PixArt-δ's ControlNet config (PixArt_xl2_img1024_controlHed.py): class_dropout_prob 0.5,
+        # gradient_clip 0.01, AdamW weight decay 0.03.
+        "caption_dropout": caption_dropout, "grad_clip": grad_clip, "weight_decay": weight_decay,
     }  # fmt: skip
     return one_stage(out, store, cfg, stage, **run)
 
