@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one script, sized to finish in under 8 minutes on one H100/H200, writing
+# Every GPU check in one script, sized to finish in under 12 minutes on one H100/H200, writing
 # $OUT/gpu_table.md (a table of every figure) plus one JSON per benchmark. No Ray, no network:
 # each benchmark drives a stage worker directly with real-size architectures at random weights.
 #
@@ -39,4 +39,6 @@ run gpu_sample 80 $PY bench/gpu_sample.py "${tiny[@]}" $(size --reps 3) --out "$
 run gpu_features 100 $PY bench/gpu_features.py "${tiny[@]}" --reps 1 --vae-dtype fp32 --out "$OUT/gpu_features.json"
 run gpu_caption 100 $PY bench/gpu_caption.py "${tiny[@]}" $(size --n 192 --batch-sizes 64) --cache dynamic --out "$OUT/gpu_caption.json"
 run gpu_train 100 $PY bench/gpu_train.py "${tiny[@]}" --out "$OUT/gpu_train.json"
+# LCM, ControlNet, DreamBooth in the one loop vs the bare step of the same work (target >= 0.9)
+run gpu_objectives 240 $PY bench/gpu_objectives.py "${tiny[@]}" --out "$OUT/gpu_objectives.json"
 $PY bench/gpu_table.py "$OUT" | tee "$OUT/gpu_table.md"

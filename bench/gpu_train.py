@@ -34,7 +34,13 @@ def npy(arr: np.ndarray) -> bytes:
 
 
 def write_random_features(
-    root: str, tag: str, resolution: int, t5_dim: int, shards: int, per_shard: int
+    root: str,
+    tag: str,
+    resolution: int,
+    t5_dim: int,
+    shards: int,
+    per_shard: int,
+    vae: str = "sd-vae-ft-ema",
 ) -> None:
     """A store whose features/<tag> has the feature stage's format, filled with random values."""
     from pipeline import fs
@@ -46,7 +52,7 @@ def write_random_features(
     rng = np.random.default_rng(0)
     L, lat = 120, resolution // 8
     settings = {
-        "t5": "t5-v1_1-xxl", "vae": "sd-vae-ft-ema", "t5_dim": t5_dim, "resolution": resolution,
+        "t5": "t5-v1_1-xxl", "vae": vae, "t5_dim": t5_dim, "resolution": resolution,
         "multi_scale": False, "captions": "random", "view": None, "max_length": L, "vae_scale_factor": 0.18215,
     }  # fmt: skip
     store.claim_stage(stage, settings)

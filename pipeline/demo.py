@@ -151,17 +151,13 @@ def run_demo(out: str, config: str | None = None) -> int:
     _done([], t)
 
     t = _step("11. LoRA: a few adapter steps on the aligned model, then sample with the adapter")
-    from training.lora import train_lora
+    from training.recipes import train_lora
 
+    align = str(out_dir / "runs" / cfg.name / "align")
     ckpt = train_lora(
-        store.root,
-        str(out_dir / "runs" / cfg.name / "align"),
-        "tiny_tiny_256_alt",
-        str(out_dir / "runs"),
-        steps=4,
-        rank=4,
-        resume=True,
-    )
+        store.root, align, "tiny_tiny_256_alt", str(out_dir / "runs"), steps=4, rank=4,
+        resume=True, num_workers=0,
+    )  # fmt: skip
     r = sample(
         export,
         ["a photo of a cat"],
@@ -173,7 +169,10 @@ def run_demo(out: str, config: str | None = None) -> int:
     )
     _done([f"adapter: {ckpt}/lora.safetensors", f"sample: {r.files[0]}"], t)
 
-    _step("12. manifest stats and verify")
+    t = _step("12. LCM, ControlNet (HED edges) and DreamBooth: objectives of the same trainer")
+    _done(_fine_tune(store.root, align, out_dir), t)
+
+    _step("13. manifest stats and verify")
     from pipeline import manifest
 
     print("\n".join(manifest.stats_lines(manifest.stats(store))))
@@ -181,6 +180,47 @@ def run_demo(out: str, config: str | None = None) -> int:
     print("\n".join(manifest.verify_lines(report)))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; store: {store.root}")
     return 0 if report["ok"] else 1
+
+
+def _fine_tune(store: str, base: str, out_dir: Path) -> list[str]:
+    """A few steps of each fine-tuning objective through the one trainer (resumable: a second
+    demo run finds them done), each sampled once."""
+    from training.hed import extract_edges
+    from training.launch import launch
+    from training.recipes import controlnet_config, dreambooth_config, lcm_config
+    from training.sample import sample
+
+    runs, tag = out_dir / "runs", "tiny_tiny_256_alt"
+    loop = {"steps": 4, "batch_size": 2, "num_workers": 0, "log_every": 2}
+    lines = []
+    lcm = lcm_config(base, store, tag, str(runs / "lcm"), lr=1e-4, **loop)
+    launch(lcm, resume=True, progress=False)
+    r = sample(str(runs / "lcm"), ["a photo of a cat"], sampler="lcm", steps=4,
+               out=str(out_dir / "samples" / "lcm"), device="cpu")  # fmt: skip
+    lines.append(f"LCM student: {runs / 'lcm'} (4-step sample {r.files[0]})")
+
+    extract_edges(store, "tiny", 256, use_ray=False, progress=False)
+    cn = controlnet_config(store, base, tag, "hed-256", str(runs / "controlnet"), blocks=1,
+                           lr=1e-3, **loop)  # fmt: skip
+    launch(cn, resume=True, progress=False)
+    from training.hed import read_edges
+
+    edge = out_dir / "samples" / "edge.png"
+    edge.parent.mkdir(parents=True, exist_ok=True)
+    edge.write_bytes(next(iter(read_edges(store, "hed-256").values())))
+    r = sample(base, ["a photo of a cat"], steps=4, controlnet=str(runs / "controlnet"),
+               control_image=str(edge), out=str(out_dir / "samples" / "controlnet"), device="cpu")  # fmt: skip
+    lines.append(f"ControlNet: {runs / 'controlnet'} (controlled sample {r.files[0]})")
+
+    instance = out_dir / "photos" / "cat"
+    db = dreambooth_config(base, str(instance), "a photo of sks cat", str(runs / "dreambooth"),
+                           class_prompt="a photo of a cat", prior_images=2, prior_steps=2,
+                           lora=4, lr=1e-3, **loop)  # fmt: skip
+    launch(db, resume=True, progress=False)
+    r = sample(str(runs / "dreambooth"), ["a photo of sks cat"], steps=4,
+               out=str(out_dir / "samples" / "dreambooth"), device="cpu")  # fmt: skip
+    lines.append(f"DreamBooth-LoRA: {runs / 'dreambooth'} (sample {r.files[0]})")
+    return lines
 
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"

@@ -11,9 +11,11 @@ from training.config import STRATEGIES
 TRAIN_EPILOG = """\
 Reads:  the config (TOML: [run], [defaults], [[stage]]), STORE/features/<tag>/ of every stage,
         STORE/views/<name>.parquet of stages that name a view.
-Writes: <dir>/<run>/config.json, run.json, and per stage <stage>/checkpoints/step-N/
-        (model.safetensors, ema.safetensors, optimizer.pt, state.json), metrics.jsonl, tb/
-        (TensorBoard), samples/ (validation grids), done.json.
+Writes: <dir>/<run>/config.json, stages.toml, run.json, and per stage <stage>/checkpoints/step-N/
+        (state.json, optimizer.pt and the objective's weights: model/ema.safetensors, LoRA or
+        ControlNet adapters), metrics.jsonl, tb/ (TensorBoard), samples/ (grids), done.json.
+A stage's objective (diffusion, lcm, controlnet, dreambooth) and its [stage.<objective>] table
+decide what trains; the loop, --resume, --device and --workers are the same for all.
 Stages run in order; each starts from the previous one's final weights (init_from). --resume
 continues the first unfinished stage from its latest checkpoint, exactly, and skips finished ones.
 Examples: alphaset train --config configs/tiny.toml --store demo-out/store

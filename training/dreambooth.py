@@ -191,15 +191,13 @@ class DreamBoothObjective(Objective):
         while True:
             g = step_generator(self.cfg.seed, rank, step, dev, stream=1)
             parts = [("instance", "instance")] + ([("prior", "class")] if "prior" in x else [])
-            lat, t5, mask, prior = [], [], [], []
+            lat, t5, mask = [], [], []
             for images, text in parts:
                 pick = torch.randint(0, len(x[images]), (b,), generator=g, device=dev)
                 lat.append(x[images][pick])
                 t5.append(x[f"{text}_t5"].float().expand(b, -1, -1))
                 mask.append(x[f"{text}_mask"].expand(b, -1))
-                prior.append(torch.full((b,), images == "prior", device=dev))
-            batch = {"latents": torch.cat(lat), "t5": torch.cat(t5), "mask": torch.cat(mask),
-                     "prior": torch.cat(prior)}  # fmt: skip
+            batch = {"latents": torch.cat(lat), "t5": torch.cat(t5), "mask": torch.cat(mask)}
             n = batch["latents"].shape[0]
             drop = torch.rand(n, generator=g, device=dev) < self.stage.caption_dropout  # (N,)
             batch["t5"] = torch.where(drop[:, None, None], x["null_t5"].float(), batch["t5"])
@@ -210,12 +208,11 @@ class DreamBoothObjective(Objective):
             step += 1
 
     def loss(self, net: Any, ema: Any, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-        per = self.per_sample_loss(net, batch, gen)  # (N,)
-        prior = batch["prior"]
-        loss = per[~prior].mean()
-        if bool(prior.any()):
-            loss = loss + self.stage.settings.prior_weight * per[prior].mean()
-        return loss
+        per = self.per_sample_loss(net, batch, gen)  # (N,): instance samples, then prior ones
+        if "prior" not in self.inputs:
+            return per.mean()
+        b = self.stage.batch_size  # slices, not masks: no device sync
+        return per[:b].mean() + self.stage.settings.prior_weight * per[b:].mean()
 
 
 def _feature_set(store: str, settings: dict[str, Any], n: int, multi_scale: bool) -> FeatureSet:

@@ -37,7 +37,7 @@ def _edges(args: argparse.Namespace) -> int:
 
     summary = extract_edges(
         args.store, args.hed, args.resolution, tag=args.tag, workers=args.workers,
-        use_ray=not args.local, progress=not args.quiet,
+        use_ray=not args.local, progress=not args.quiet, multi_scale=args.multi_scale,
     )  # fmt: skip
     for line in summary.lines():
         print(line)
@@ -111,6 +111,10 @@ def _loop_settings(args: argparse.Namespace) -> dict:
     }  # fmt: skip
     if args.ema is not None:
         out["ema"] = args.ema
+    if args.sample_every:
+        out["sample_every"] = args.sample_every
+        if "instance_prompt" not in args:
+            out["validation_prompts"] = args.validation_prompt or []
     return out
 
 
@@ -143,6 +147,14 @@ def _loop_flags(
         default=None,
         help="checkpoint every N steps (default: at the end)",
     )
+    p.add_argument(
+        "--sample-every", type=int, default=0,
+        help="validation grid every N steps, with this objective's sampler (default 0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--validation-prompt", action="append", default=None, metavar="TEXT",
+        help="a validation prompt (repeatable; DreamBooth uses its instance prompt)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder (new, or this run's with --resume)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its latest checkpoint")
@@ -165,7 +177,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--store", required=True)
     e.add_argument("--hed", default="tiny", help="HED preset, folder or weights file")
     e.add_argument("--resolution", type=int, default=512, help="crop side (256, 512, 1024)")
-    e.add_argument("--tag", default=None, help="edges/<tag> (default hed-<resolution>)")
+    e.add_argument(
+        "--multi-scale", action="store_true",
+        help="crop each image to its aspect-ratio bucket (for multi-scale features / ControlNet)",
+    )  # fmt: skip
+    e.add_argument("--tag", default=None, help="edges/<tag> (default hed-<resolution>[-ms])")
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--local", action="store_true", help="run in this process, no Ray")
     e.add_argument("--quiet", action="store_true")

@@ -12,7 +12,8 @@ with ``weights_only=True``, or ``.safetensors``) or a folder (``config.json`` wi
 
 Stage output ``STORE/edges/<tag>/<shard>.parquet``: one row per ok key of image shard N, in
 order: ``key``, ``edges`` (PNG bytes, 8-bit grey, the crop the features stage uses at the same
-resolution: resize-cover + centre crop), ``height``, ``width``, ``error`` (null when ok).
+resolution: resize-cover + centre crop; with ``multi_scale`` the image's aspect-ratio bucket, as
+multi-scale features crop it), ``height``, ``width``, ``error`` (null when ok).
 """
 
 from __future__ import annotations
@@ -159,9 +160,13 @@ def read_png(data: bytes) -> np.ndarray:
 class EdgeWorker:
     """One shard of ``edges/<tag>``: every ok image → its feature crop → HED → PNG row."""
 
-    def __init__(self, store: str, stage: str, hed: str, resolution: int, **settings: Any):
+    def __init__(
+        self, store: str, stage: str, hed: str, resolution: int, multi_scale: bool = False,
+        **settings: Any,
+    ):  # fmt: skip
         self.store = Store(store)
         self.stage, self.hed_name, self.resolution = stage, hed, resolution
+        self.multi_scale = multi_scale
         self.model = load_hed(hed)
 
     def __call__(self, shard: str) -> dict[str, Any]:
@@ -184,7 +189,7 @@ class EdgeWorker:
                 err = "missing image"
             else:
                 try:
-                    crop, _ = prepare_image(got[key], self.resolution, False)
+                    crop, _ = prepare_image(got[key], self.resolution, self.multi_scale)
                     png, hw = png_bytes(edge_map(self.model, crop)), crop.shape[:2]
                 except ImageError as e:
                     err = f"bad image: {e}"[:200]
@@ -215,7 +220,7 @@ class EdgeWorker:
                 "checksum": checksum,
                 "output": out,
                 "model": self.hed_name,
-                "settings": {"resolution": self.resolution},
+                "settings": {"resolution": self.resolution, "multi_scale": self.multi_scale},
                 "seconds": round(time.perf_counter() - start, 3),
             },
         )
@@ -230,8 +235,11 @@ def extract_edges(
     shards: list[str] | None = None,
     use_ray: bool = True,
     progress: bool = True,
+    multi_scale: bool = False,
 ) -> StageSummary:
-    """Write ``edges/<tag>/`` (default tag ``hed-<resolution>``) for every ingested shard."""
+    """Write ``edges/<tag>/`` (default tag ``hed-<resolution>``, ``-ms`` with ``multi_scale``:
+    each image's aspect-ratio bucket crop, as the multi-scale feature stage crops it, so a
+    ControlNet on a multi-scale base gets edges of the same bucket as the image latent)."""
     from training.config import RESOLUTIONS
     from training.features import check_tag
 
@@ -241,13 +249,19 @@ def extract_edges(
         raise UserError(f"--resolution must be one of {RESOLUTIONS}, got {resolution}")
     load_hed(hed)  # a bad --hed fails before any work
     hed = os.path.abspath(hed) if os.path.exists(hed) else hed
-    tag = check_tag(tag or f"hed-{resolution}")
+    tag = check_tag(tag or f"hed-{resolution}{'-ms' if multi_scale else ''}")
     stage = f"{KIND}/{tag}"
     spec = StageSpec(
         stage=stage,
         worker_cls=EdgeWorker,
-        worker_kwargs={"store": store.root, "stage": stage, "hed": hed, "resolution": resolution},
-        settings={"hed": hed, "resolution": resolution},
+        worker_kwargs={
+            "store": store.root,
+            "stage": stage,
+            "hed": hed,
+            "resolution": resolution,
+            "multi_scale": multi_scale,
+        },
+        settings={"hed": hed, "resolution": resolution, "multi_scale": multi_scale},
         shards=shards,
         workers=workers,
     )

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.cli import UserError
 from training import checkpoint as ck
 from training.data import DataPosition, FeatureBatches, FeatureSet, make_loader, open_features
 from training.diffusion import Diffusion, sample_latents
@@ -55,10 +56,11 @@ def step_generator(
 
 
 def cast_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of a batch onto the device (text embeddings as float32, the autocast input)."""
+    """Tensors of a batch onto the device (text embeddings as float32, the autocast input); the
+    loader position ``pos`` stays on the CPU (the loop reads it every step: no device sync)."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and k != "pos":
             v = v.to(device, non_blocking=True)
             if k == "t5":
                 v = v.float()
@@ -201,5 +203,8 @@ class Objective:
             )
             load_lora_state(ema, ck.load_safetensors(os.path.join(ckpt, ck.LORA_FILE)), ckpt)
             return
-        load_weights(model, ck.load_safetensors(os.path.join(ckpt, ck.MODEL_FILE)), ckpt)
-        load_weights(ema, ck.load_safetensors(os.path.join(ckpt, ck.EMA_FILE)), ckpt)
+        for module, name in ((model, ck.MODEL_FILE), (ema, ck.EMA_FILE)):
+            try:
+                load_weights(module, ck.load_safetensors(os.path.join(ckpt, name)), ckpt)
+            except ValueError as e:  # load_weights' "do not fit": not this stage's checkpoint
+                raise UserError(str(e)) from e

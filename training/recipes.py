@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.cli import UserError
 from training import checkpoint as ck
-from training.config import RunConfig, config_from_dict
+from training.config import RunConfig, check_run_dir, config_from_dict
 
 
 def base_run(base: str, flag: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -51,6 +51,7 @@ def one_stage(
     log_every: int = 10,
 ) -> RunConfig:
     """The run ``out`` (its parent = ``[run] dir``, its name = ``[run] name``) of one stage."""
+    check_run_dir(out)  # before abspath turns s3://b/x into a local ./s3:/b/x
     out = os.path.abspath(out)
     run = {
         "name": os.path.basename(out.rstrip("/")),

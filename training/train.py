@@ -209,16 +209,7 @@ def train_stage(
         device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
     )
     if dist.is_main and progress:
-        n_params = sum(p.numel() for p in m.params)
-        print(
-            f"[{stage.name}] {stage.objective}{' + LoRA' if stage.lora else ''}, "
-            f"{n_params / 1e6:.2f}M trained params, {fset.n_samples} samples"
-            f"{f' of features/{fset.tag}' if fset.tag else ''}{f' (view {fset.view})' if fset.view else ''}"
-            f", steps {start_step}->{stage.steps}, batch {stage.batch_size}x{dist.world_size}, "
-            f"lr {lr:.3g}{f' ({stage.lr:g} x {stage.lr_scale} scaling)' if stage.lr_scale != 'none' else ''}, "
-            f"{device.type}{' bf16' if cfg.mixed_precision == 'bf16' else ''}",
-            flush=True,
-        )
+        print(banner(cfg, stage, fset, m, start_step, dist), flush=True)
 
     # Train.
     step, last_saved = start_step, start_step
@@ -251,20 +242,8 @@ def train_stage(
             logs.validate(objective, m.ema, step)
         stopping = budget is not None and step - start_step >= budget
         if step % stage.save_every == 0 or step == stage.steps or stopping:
-            save_checkpoint(
-                sdir,
-                step,
-                objective,
-                m,
-                optimizer,
-                scheduler,
-                position,
-                cfg,
-                stage,
-                fset,
-                dist,
-                init,
-            )
+            save_checkpoint(sdir, step, objective, m, optimizer, scheduler, position, cfg, stage,
+                            fset, dist, init)  # fmt: skip
             last_saved = step
         window.start += time.perf_counter() - t_extra
         if stopping:
@@ -284,6 +263,22 @@ def train_stage(
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------
+def banner(
+    cfg: RunConfig, stage: StageConfig, fset: FeatureSet, m: Models, start: int, dist: DistContext
+) -> str:
+    """The stage's first progress line: objective, trained parameters, data, steps, device."""
+    n_params = sum(p.numel() for p in m.params)
+    data = f"{fset.n_samples} samples" + (f" of features/{fset.tag}" if fset.tag else "")
+    return (
+        f"[{stage.name}] {stage.objective}{' + LoRA' if stage.lora else ''}, "
+        f"{n_params / 1e6:.2f}M trained params, {data}"
+        f"{f' (view {fset.view})' if fset.view else ''}, steps {start}->{stage.steps}, "
+        f"batch {stage.batch_size}x{dist.world_size}, lr {effective_lr(stage, dist.world_size):.3g}"
+        f"{f' ({stage.lr:g} x {stage.lr_scale} scaling)' if stage.lr_scale != 'none' else ''}, "
+        f"{dist.device.type}{' bf16' if cfg.mixed_precision == 'bf16' else ''}"
+    )
+
+
 def build_models(
     cfg: RunConfig,
     stage: StageConfig,
@@ -314,7 +309,10 @@ def build_models(
     base = build_transformer(tconfig, seed=cfg.seed)
     fresh_full = latest is not None and objective.resume_replaces_base
     if init != "scratch" and not fresh_full:
-        missing = load_weights(base, init_state_dict(init, objective.init_weights), init)
+        try:
+            missing = load_weights(base, init_state_dict(init, objective.init_weights), init)
+        except ValueError as e:  # load_weights' "do not fit": an incompatible base
+            raise UserError(f"stage {stage.name!r}: {e}") from e
         if missing and dist.is_main:
             log.warning(
                 "stage %s: %d micro-condition tensor(s) (resolution/aspect embedders) are not in %s; "

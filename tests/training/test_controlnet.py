@@ -118,6 +118,13 @@ def test_multi_scale_base_trains_and_resumes_exactly(edges_store, trained_run, t
     from training.config import load_config
     from training.train import train
 
+    summary = extract_edges(
+        edges_store, "tiny", 256, use_ray=False, progress=False, multi_scale=True
+    )
+    assert summary.ok, summary.lines()
+    shapes = {read_png(png).shape for png in read_edges(edges_store, "hed-256-ms").values()}
+    assert (256, 256) in shapes and len(shapes) > 1  # square and wide buckets, as the features
+
     stage = kit.tiny_stage(
         "ms", features=kit.TAG_MS, multi_scale=True, steps=2, save_every=2,
         init_from=str(trained_run / "align" / "checkpoints" / "step-4"),
@@ -129,7 +136,7 @@ def test_multi_scale_base_trains_and_resumes_exactly(edges_store, trained_run, t
 
     def make(out):
         return controlnet_config(
-            edges_store, base, kit.TAG_MS, "hed-256", out, blocks=1, steps=3, batch_size=2,
+            edges_store, base, kit.TAG_MS, "hed-256-ms", out, blocks=1, steps=3, batch_size=2,
             lr=1e-3, num_workers=0, log_every=1, bf16=True,
         )  # fmt: skip
 

@@ -149,7 +149,9 @@ def test_lcm_lora_saves_adapters_samples_and_exports_merged(lcm_lora: Path, tmp_
     assert img.size == (256, 256)
 
 
-def test_distill_errors(tmp_path: Path, train_store: str, trained_run: Path, kit, capsys):
+def test_distill_errors(
+    tmp_path: Path, train_store: str, trained_run: Path, kit, capsys, monkeypatch
+):
     teacher = str(trained_run / "align")
     cases = [
         (["--teacher", str(tmp_path / "nope"), "--features", kit.TAG], "--teacher"),
@@ -161,7 +163,9 @@ def test_distill_errors(tmp_path: Path, train_store: str, trained_run: Path, kit
         ),
         (["--teacher", teacher, "--features", kit.TAG, "--seed", "-1"], "seed must be an integer"),
         (["--teacher", teacher, "--features", kit.TAG, "--device", "tpu9"], "--device"),
+        (["--teacher", teacher, "--features", kit.TAG, "--out", "s3://bucket/runs/x"], "POSIX"),
     ]
+    monkeypatch.chdir(tmp_path)
     for extra, msg in cases:
         out = tmp_path / "o"
         args = ["distill", "lcm", "--store", train_store, "--out", str(out), "--quiet", *extra]
@@ -169,3 +173,4 @@ def test_distill_errors(tmp_path: Path, train_store: str, trained_run: Path, kit
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and msg in err, err
         assert not out.exists(), extra  # nothing written before the check
+    assert not (tmp_path / "s3:").exists()

@@ -44,7 +44,7 @@ def _config(trained_run: Path, instance_dir: Path, out: str, **kw):
 @pytest.fixture(scope="module")
 def full_run(trained_run: Path, instance_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("db") / "sks"
-    run_recipe(_config(trained_run, instance_dir, str(out)), progress=False)
+    run_recipe(_config(trained_run, instance_dir, str(out), sample_every=6), progress=False)
     return out
 
 
@@ -59,6 +59,8 @@ def test_full_dreambooth_loss_falls_with_prior(full_run: Path, trained_run: Path
     assert db["prior_images"] == 2 and db["instance_prompt"] == PROMPT
     assert state["config"]["stages"][0]["init_from"].startswith(str(trained_run / "align"))
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "ema.safetensors").is_file()
+    assert state["config"]["stages"][0]["validation_prompts"] == [PROMPT]
+    assert (full_run / "dreambooth" / "samples" / "step-6.png").is_file()  # the instance prompt
     from safetensors.torch import load_file
 
     inputs = load_file(full_run / "dreambooth" / INPUTS_FILE)
