@@ -174,3 +174,30 @@ def test_null_y_embedding_from_an_imported_checkpoint(kit, train_store, tmp_path
     )
     with pytest.raises(UserError, match=r"null = 'y_embedding' needs an init_from PixArt .pth"):
         train(load_config(str(bad)), progress=False)
+
+
+def test_sampling_with_pixarts_learned_null(trained_run, tmp_path, capsys):
+    """`sample --y-embedding SOURCE`: the unconditional branch is PixArt's y_embedding."""
+    import numpy as np
+    from PIL import Image
+    from test_pixart_import import random_pth
+
+    from pipeline.cli import main
+
+    pth = tmp_path / "PixArt-XL-2-256x256.pth"
+    random_pth(pth, layers=2, hidden=48, caption=64, res=256)
+    args = ["sample", "--checkpoint", str(trained_run / "align"), "--prompt", "a cat",
+            "--steps", "2", "--cfg", "4.5", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "t5")]) == 0
+    assert main([*args, "--y-embedding", str(pth), "--out", str(tmp_path / "y")]) == 0
+    assert main([*args, "--y-embedding", str(pth), "--out", str(tmp_path / "y2")]) == 0
+    img = {
+        d: np.asarray(Image.open(tmp_path / d / "000_seed0.png"), dtype=np.int16)
+        for d in ("t5", "y", "y2")
+    }
+    assert np.array_equal(img["y"], img["y2"]) and np.abs(img["y"] - img["t5"]).max() > 0
+    record = json.loads((tmp_path / "y" / "samples.json").read_text())
+    assert json.dumps(record).count(str(pth)) >= 1
+    capsys.readouterr()
+    assert main([*args, "--y-embedding", str(tmp_path), "--out", str(tmp_path / "z")]) == 2
+    assert "no y_embedding in it" in capsys.readouterr().err
