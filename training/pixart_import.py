@@ -95,11 +95,20 @@ def read_pth(path: str, weights: str = "state_dict") -> dict[str, torch.Tensor]:
             f"{path}: has no 'ema' weights (keys: {', '.join(list(obj)[:5])})"
         )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if "x_embedder.proj.weight" not in tensors or "final_layer.linear.weight" not in tensors:
+    prefix = "base_model." if is_controlnet(tensors) else ""  # PixArt-δ's ControlPixArtHalf
+    if (
+        f"{prefix}x_embedder.proj.weight" not in tensors
+        or f"{prefix}final_layer.linear.weight" not in tensors
+    ):
         raise PixArtCheckpointError(
             f"{path}: not a PixArt transformer checkpoint (no x_embedder/final_layer weights)"
         )
     return tensors
+
+
+def is_controlnet(sd: dict[str, torch.Tensor]) -> bool:
+    """A PixArt-δ ControlNet checkpoint: ``base_model.*`` + ``controlnet.i.*`` tensors."""
+    return any(k.startswith("controlnet.") for k in sd)
 
 
 def _heads(num_layers: int, hidden: int, num_heads: int | None) -> int:
@@ -236,7 +245,9 @@ def write_import(
     """``alphaset import pixart``: a diffusers transformer folder (``config.json`` +
     ``diffusion_pytorch_model.safetensors``, what ``init_from``, ``export`` and diffusers load)
     plus ``y_embedding.safetensors`` and ``alphaset_import.json`` (source, inferred settings).
-    Written to a temporary folder and renamed, so ``out`` appears only complete."""
+    A PixArt-δ ControlNet checkpoint also gives ``controlnet.safetensors`` (alphaset's ControlNet
+    file, for ``sample --controlnet``) beside its base. Written to a temporary folder and renamed,
+    so ``out`` appears only complete."""
     import json
     import os
     import shutil
@@ -246,7 +257,14 @@ def write_import(
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise PixArtCheckpointError(f"--out {out} exists and is not empty; choose a new folder")
-    got = import_pixart(read_pth(pth, weights), resolution, pe_scale, num_heads)
+    sd = read_pth(pth, weights)
+    control = None
+    if is_controlnet(sd):
+        from training.controlnet import pixart_controlnet_state_dict
+
+        _, control, blocks = pixart_controlnet_state_dict(sd)
+        sd = {k[len("base_model.") :]: v for k, v in sd.items() if k.startswith("base_model.")}
+    got = import_pixart(sd, resolution, pe_scale, num_heads)
     model = PixArtTransformer2DModel(**got.config)
     model.load_state_dict(got.state_dict, strict=True)
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
@@ -255,6 +273,12 @@ def write_import(
         model.save_pretrained(tmp, safe_serialization=True)
         if got.y_embedding is not None:
             save_file({"y_embedding": got.y_embedding.contiguous()}, f"{tmp}/{Y_EMBEDDING_FILE}")
+        if control is not None:
+            from training.checkpoint import CONTROLNET_FILE
+
+            meta = {"format": "pt", "alphaset": json.dumps({"blocks": blocks, "source": pth})}
+            tensors = {k: v.contiguous() for k, v in control.items()}
+            save_file(tensors, f"{tmp}/{CONTROLNET_FILE}", metadata=meta)
         info = {
             "source": os.path.abspath(pth),
             "weights": weights,
@@ -262,6 +286,7 @@ def write_import(
             "multi_scale": got.multi_scale,
             "pe_interpolation": got.config["interpolation_scale"],
             "y_embedding": got.y_embedding is not None,
+            "controlnet_blocks": blocks if control is not None else None,
         }
         with open(f"{tmp}/{IMPORT_INFO}", "w") as f:
             json.dump(info, f, indent=1)

@@ -183,3 +183,47 @@ def test_hed_has_the_controlnet_hed_apache2_layout(tmp_path):
         )
     want = (torch.sigmoid(torch.cat(sides, 1).mean(1))[0] * 255).round().byte().numpy()
     assert np.abs(edge_map(hed, rgb).astype(int) - want.astype(int)).max() <= 1
+
+
+def test_import_a_pixart_delta_controlnet_pth(tmp_path):
+    """`alphaset import pixart` on a ControlNet .pth: the base folder + controlnet.safetensors,
+    which `load_controlnet` puts on the imported base."""
+    from diffusers import PixArtTransformer2DModel
+    from test_pixart_import import pixart_layout
+
+    from pipeline.cli import main
+    from training.controlnet import load_controlnet
+
+    g = torch.Generator().manual_seed(2)
+    base_sd = {k: torch.randn(s, generator=g) for k, s in pixart_layout(layers=4).items()}
+    sd = {f"base_model.{k}": v for k, v in base_sd.items()}
+    for k, v in base_sd.items():
+        if k.startswith("blocks.0."):
+            sd[f"controlnet.0.copied_block.{k[len('blocks.0.') :]}"] = torch.randn(
+                v.shape, generator=g
+            )
+    sd |= {"controlnet.0.before_proj.weight": torch.randn(48, 48, generator=g),
+           "controlnet.0.before_proj.bias": torch.randn(48, generator=g),
+           "controlnet.0.after_proj.weight": torch.randn(48, 48, generator=g),
+           "controlnet.0.after_proj.bias": torch.randn(48, generator=g)}  # fmt: skip
+    torch.save({"state_dict": sd}, tmp_path / "PixArt-XL-2-512-ControlNet.pth")
+    out = tmp_path / "imported"
+    assert (
+        main(
+            [
+                "import",
+                "pixart",
+                str(tmp_path / "PixArt-XL-2-512-ControlNet.pth"),
+                "--out",
+                str(out),
+                "--heads",
+                "2",
+            ]
+        )
+        == 0
+    )
+    base = PixArtTransformer2DModel.from_pretrained(str(out))
+    net = load_controlnet(base, str(out / "controlnet.safetensors"))
+    assert net.blocks == 1
+    assert torch.equal(net.after_proj[0].weight, sd["controlnet.0.after_proj.weight"])
+    assert torch.equal(base.proj_out.bias, sd["base_model.final_layer.linear.bias"])
