@@ -9,7 +9,8 @@ the base's own patch embedding and positional embedding, passed through a zero-i
 ``before_proj`` and added to the *output of base block 0*: that is copy 0's input. Copy i feeds
 copy i + 1, and its output, through a zero-initialised ``after_proj[i]``, is added to the input
 of base block i + 1. At step 0 the projections are zero, so the output equals the base's
-exactly. `pixart_controlnet_state_dict` maps PixArt-δ's released ControlNet weights onto it.
+exactly. `training.pixart_import.pixart_controlnet_state_dict` maps PixArt-δ's released
+ControlNet weights onto it.
 
 Training follows PixArt-δ's config (``PixArt_xl2_img1024_controlHed.py``, via ``alphaset
 finetune controlnet``): the control latent is a posterior *sample* drawn each step (PixArt-δ
@@ -31,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -247,46 +247,6 @@ def encode_posterior(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] → the unscaled posterior (N, 2, C, h, w) = [mean, std]."""
     dist = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
     return torch.stack([dist.mean, dist.std], dim=1)
-
-
-# PixArt-δ's ControlPixArtHalf names → ControlNetTransformer's (the copies' block tensors are
-# renamed like the base's: training.pixart_import).
-_CONTROL_KEY = re.compile(r"^controlnet\.(\d+)\.(copied_block|before_proj|after_proj)\.(.+)$")
-
-
-def pixart_controlnet_state_dict(sd: dict[str, torch.Tensor]) -> tuple[
-    dict[str, torch.Tensor], dict[str, torch.Tensor], int
-]:  # fmt: skip
-    """PixArt-δ's released ControlNet ``.pth`` tensors (``base_model.*`` + ``controlnet.i.*``)
-    → (the base transformer's diffusers state dict, the ControlNet's copies/projections state
-    dict for `ControlNetTransformer`, the number of copies)."""
-    from training.pixart_import import PixArtCheckpointError, convert_state_dict
-
-    base = {k.removeprefix("base_model."): v for k, v in sd.items() if k.startswith("base_model.")}
-    copies: dict[int, dict[str, torch.Tensor]] = {}
-    control: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.startswith("base_model."):
-            continue
-        m = _CONTROL_KEY.match(key)
-        if m is None:
-            raise PixArtCheckpointError(f"unknown PixArt-δ ControlNet tensor {key}")
-        i, part, rest = int(m.group(1)), m.group(2), m.group(3)
-        if part == "copied_block":
-            copies.setdefault(i, {})[f"blocks.{i}.{rest}"] = value
-        elif part == "before_proj":
-            if i != 0:
-                raise PixArtCheckpointError(f"before_proj on copy {i}: only copy 0 has one")
-            control[f"before_proj.{rest}"] = value
-        else:
-            control[f"after_proj.{i}.{rest}"] = value
-    n = len(copies)
-    if sorted(copies) != list(range(n)) or n == 0:
-        raise PixArtCheckpointError(f"ControlNet copies {sorted(copies)} are not 0..N-1")
-    for i, tensors in copies.items():
-        for k, v in convert_state_dict(tensors).items():
-            control[k.replace(f"transformer_blocks.{i}.", f"copies.{i}.", 1)] = v
-    return convert_state_dict(base) if base else {}, control, n
 
 
 class ControlNetObjective(Objective):

@@ -228,6 +228,45 @@ def import_pixart(
     )
 
 
+# ---- PixArt-δ's ControlNet -------------------------------------------------------------------
+# PixArt-δ's ControlPixArtHalf names → ControlNetTransformer's (the copies' block tensors are
+# renamed like the base's: training.pixart_import).
+_CONTROL_KEY = re.compile(r"^controlnet\.(\d+)\.(copied_block|before_proj|after_proj)\.(.+)$")
+
+
+def pixart_controlnet_state_dict(sd: dict[str, torch.Tensor]) -> tuple[
+    dict[str, torch.Tensor], dict[str, torch.Tensor], int
+]:  # fmt: skip
+    """PixArt-δ's released ControlNet ``.pth`` tensors (``base_model.*`` + ``controlnet.i.*``)
+    → (the base transformer's diffusers state dict, the ControlNet's copies/projections state
+    dict for `ControlNetTransformer`, the number of copies)."""
+    base = {k.removeprefix("base_model."): v for k, v in sd.items() if k.startswith("base_model.")}
+    copies: dict[int, dict[str, torch.Tensor]] = {}
+    control: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("base_model."):
+            continue
+        m = _CONTROL_KEY.match(key)
+        if m is None:
+            raise PixArtCheckpointError(f"unknown PixArt-δ ControlNet tensor {key}")
+        i, part, rest = int(m.group(1)), m.group(2), m.group(3)
+        if part == "copied_block":
+            copies.setdefault(i, {})[f"blocks.{i}.{rest}"] = value
+        elif part == "before_proj":
+            if i != 0:
+                raise PixArtCheckpointError(f"before_proj on copy {i}: only copy 0 has one")
+            control[f"before_proj.{rest}"] = value
+        else:
+            control[f"after_proj.{i}.{rest}"] = value
+    n = len(copies)
+    if sorted(copies) != list(range(n)) or n == 0:
+        raise PixArtCheckpointError(f"ControlNet copies {sorted(copies)} are not 0..N-1")
+    for i, tensors in copies.items():
+        for k, v in convert_state_dict(tensors).items():
+            control[k.replace(f"transformer_blocks.{i}.", f"copies.{i}.", 1)] = v
+    return convert_state_dict(base) if base else {}, control, n
+
+
 # ---- the imported checkpoint folder ---------------------------------------------------------
 Y_EMBEDDING_FILE = "y_embedding.safetensors"
 IMPORT_INFO = "alphaset_import.json"
@@ -260,8 +299,6 @@ def write_import(
     sd = read_pth(pth, weights)
     control = None
     if is_controlnet(sd):
-        from training.controlnet import pixart_controlnet_state_dict
-
         _, control, blocks = pixart_controlnet_state_dict(sd)
         sd = {k[len("base_model.") :]: v for k, v in sd.items() if k.startswith("base_model.")}
     got = import_pixart(sd, resolution, pe_scale, num_heads)

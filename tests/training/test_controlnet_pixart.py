@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from pipeline.cli import UserError
-from training.controlnet import (
-    ControlNetTransformer,
-    load_control_state,
-    pixart_controlnet_state_dict,
-)
+from training.controlnet import ControlNetTransformer, load_control_state
 from training.model import build_transformer, load_weights, transformer_config
+from training.pixart_import import pixart_controlnet_state_dict
 
 pytest_plugins = ["conftest_train"]
 
