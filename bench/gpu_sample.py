@@ -69,8 +69,8 @@ def build_model(tiny: bool, device: str, dtype: Any, tok_dir: str) -> Any:
     import torch
     from diffusers import AutoencoderKL, PixArtAlphaPipeline
 
+    from training.checkpoint import pipeline_transformer_config
     from training.diffusion import inference_scheduler
-    from training.export import pipeline_transformer_config
     from training.feature_models import build_tiny_tokenizer
     from training.model import transformer_config, transformer_from_config
     from training.sample import MAX_SEQUENCE_LENGTH, Model

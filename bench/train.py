@@ -126,7 +126,7 @@ def trainer_steps_per_s(
     warm = WINDOW
     cfg = config_from_dict(
         {
-            "run": {"name": "bench", "store": store, "model": "small", "dir": str(out), "num_workers": workers, "log_every": warm, "seed": 0},
+            "run": {"name": "bench", "store": store, "model": "small", "dir": str(out), "num_workers": workers, "log_every": warm, "seed": 0, "mixed_precision": "no"},  # the bare step is fp32
             "stage": [
                 {
                     "name": "s", "features": "bench", "resolution": 256, "steps": warm + steps, "batch_size": batch,

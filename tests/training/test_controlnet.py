@@ -163,3 +163,27 @@ def test_controlnet_errors(trained_run, tmp_path, capsys):
     assert main(["finetune", "controlnet", "--store", str(tmp_path), "--base", str(tmp_path / "b"),
                  "--features", "f", "--edges", "e", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "--base" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """[run] gradient_checkpointing reaches the ControlNet's block-by-block forward."""
+    from training.model import build_transformer, transformer_config
+
+    cfg = transformer_config("tiny", resolution=256, caption_channels=64)
+    grads = []
+    for checkpointing in (False, True):
+        base = build_transformer(cfg, seed=0)
+        for p in base.parameters():  # non-zero everywhere, so gradients flow through the base
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+        if checkpointing:
+            base.enable_gradient_checkpointing()
+        net = ControlNetTransformer(base, blocks=1)
+        for lin in [net.before_proj, *net.after_proj]:
+            torch.nn.init.normal_(lin.weight, std=0.05, generator=torch.Generator().manual_seed(7))
+        g = torch.Generator().manual_seed(1)
+        x, ctrl = torch.randn(2, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+        text = torch.randn(2, 8, 64, generator=g)
+        out = net(x, encoder_hidden_states=text, timestep=torch.tensor([10, 500]), control=ctrl)
+        out.sample.square().mean().backward()
+        grads.append(net.copies[0].attn1.to_q.weight.grad.clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -294,7 +294,7 @@ def test_library_errors(exports, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--checkpoint .*nowhere: no such folder"):
         sample(str(tmp_path / "nowhere"), PROMPTS)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"not a checkpoint"):
+    with pytest.raises(UserError, match=r"not a training checkpoint"):
         sample(str(tmp_path / "empty"), PROMPTS)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_index.json").write_text("{not json")
