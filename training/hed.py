@@ -116,7 +116,7 @@ def load_hed(value: str, device: str = "cpu") -> HED:
     if os.path.isfile(value):
         state = _read_state(value)
     else:
-        folder, _ = resolve(value, PRESETS, "hed", flag="--hed")
+        folder, _ = resolve(value, PRESETS, "hed-apache2", flag="--hed")  # new layout: new cache
         path = os.path.join(folder, WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--hed {value}: no {WEIGHTS_FILE} in the folder")
