@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # Order: cheapest first, so a short lease still yields figures.
 run gpu_score 90 $PY bench/gpu_score.py "${tiny[@]}" $(size --n 4096) --json "$OUT/gpu_score.json"
 run gpu_sample 80 $PY bench/gpu_sample.py "${tiny[@]}" $(size --reps 3) --out "$OUT/gpu_sample.json"
-run gpu_features 100 $PY bench/gpu_features.py "${tiny[@]}" --reps 1 --out "$OUT/gpu_features.json"
+run gpu_features 100 $PY bench/gpu_features.py "${tiny[@]}" --reps 1 --vae-dtype fp32 --out "$OUT/gpu_features.json"
 run gpu_caption 100 $PY bench/gpu_caption.py "${tiny[@]}" $(size --n 192 --batch-sizes 64) --cache dynamic --out "$OUT/gpu_caption.json"
 run gpu_train 100 $PY bench/gpu_train.py "${tiny[@]}" --out "$OUT/gpu_train.json"
 # LCM, ControlNet, DreamBooth in the one loop vs the bare step of the same work (target >= 0.9)

@@ -15,6 +15,8 @@ For each resolution (256, 512, 1024 px: 1024, 512, 256 images; square crops from
          already on the GPU; outputs to host as fp16.
   stage  `FeatureWorker.from_models` (the stage worker, no Ray) on the shards: read, clean,
          tokenise, decode/crop in threads, both models, stream the WebDataset shard, status.
+``--vae-dtype`` (default fp32, the stage's default) is the VAE's dtype in both; the bare VAE is also
+timed in the other two dtypes (``bare_vae_img_per_s_by_dtype``): the speed cost of fp32.
 ratio = (bare T5 + bare VAE) / stage, per rep (measured side by side), best of ``--reps`` (the
 first rep still pays one-off costs); target >= 0.9. Shards hold 256 images (the production
 default is 1000: the per-shard tail — last samples, fsync — weighs more here, so this errs low).
@@ -25,6 +27,7 @@ Needs torch, transformers, diffusers, pyarrow, fsspec, pillow, scikit-image; not
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -49,7 +52,9 @@ from features import (  # noqa: E402
 ANCHORS = {"t5_captions_per_s": 328, "vae_img_per_s": {256: 736, 512: 178, 1024: 33}}
 
 
-def build_models(tiny: bool, device: str, dtype: Any, tok_dir: Path) -> tuple[Any, Any, Any]:
+def build_models(
+    tiny: bool, device: str, dtype: Any, tok_dir: Path, vae_dtype: Any
+) -> tuple[Any, Any, Any]:
     import torch
     from diffusers import AutoencoderKL
     from transformers import T5Config, T5EncoderModel
@@ -62,7 +67,7 @@ def build_models(tiny: bool, device: str, dtype: Any, tok_dir: Path) -> tuple[An
         t5 = T5EncoderModel._from_config(
             T5Config(**(TINY_T5 if tiny else T5_XXL)), **_dtype_kwarg(dtype)
         )
-        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE)).to(dtype)
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE)).to(vae_dtype)
     return t5.eval().requires_grad_(False), tokenizer, vae.eval().requires_grad_(False)
 
 
@@ -76,6 +81,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--out", default=None, help="write the figures as JSON here too")
+    ap.add_argument("--vae-dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     args = ap.parse_args()
 
     import torch
@@ -103,6 +109,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
+        "vae_dtype": args.vae_dtype,
         "tiny": args.tiny,
         "anchors_h200": ANCHORS,
         "by_resolution": {},
@@ -118,7 +125,10 @@ def main() -> None:
 
         # 2. Models, in memory.
         t = time.perf_counter()
-        t5, tokenizer, vae = build_models(args.tiny, device, dtype, work / "tokenizer")
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        t5, tokenizer, vae = build_models(
+            args.tiny, device, dtype, work / "tokenizer", dtypes[args.vae_dtype]
+        )
         text = TextEncoder(t5, tokenizer, max_length=120, batch_size=text_batch)
         vae_enc = VaeEncoder(vae)
         results["models_s"] = round(time.perf_counter() - t, 1)
@@ -133,8 +143,9 @@ def main() -> None:
                 len(x) for x in tokenizer(texts, truncation=True, max_length=120)["input_ids"]
             ]
             settings = FeatureSettings(
-                resolution=res, captions="alt", batch_size=batch, text_batch_size=text_batch
-            )
+                resolution=res, captions="alt", batch_size=batch, text_batch_size=text_batch,
+                vae_dtype=args.vae_dtype,
+            )  # fmt: skip
             worker = FeatureWorker.from_models(
                 store, f"features/warm{res}", text, vae_enc, settings
             )
@@ -152,6 +163,12 @@ def main() -> None:
                 shutil.rmtree(Path(store) / "features" / f"bench{res}-{rep}", ignore_errors=True)
                 ratios.append((min(t5_sorted[-1], t5_padded[-1]) + vae_s[-1]) / secs)
             best = max(range(args.reps), key=lambda i: ratios[i])
+            by_dtype = {args.vae_dtype: round(n_img / min(vae_s), 1)}
+            for name in (d for d in dtypes if d != args.vae_dtype):  # same weights, cast
+                other = copy.deepcopy(vae).to(dtypes[name])
+                bare_vae(other, {k: v[:batch] for k, v in crops.items()}, batch)  # warm-up
+                by_dtype[name] = round(n_img / bare_vae(other, crops, batch), 1)
+                del other
             results["by_resolution"][res] = r = {
                 "images": n_img,
                 "shards": len(use),
@@ -162,6 +179,7 @@ def main() -> None:
                 "bare_t5_padded120_captions_per_s": round(n_img / min(t5_padded), 1),
                 "bare_t5_sorted_captions_per_s": round(n_img / min(t5_sorted), 1),
                 "bare_vae_img_per_s": round(n_img / min(vae_s), 1),
+                "bare_vae_img_per_s_by_dtype": by_dtype,
                 "stage_img_per_s": round(n_img / min(stage_s), 1),
                 "stage_s_by_rep": [round(x, 3) for x in stage_s],
                 "ratio_by_rep": [round(x, 3) for x in ratios],

@@ -89,6 +89,15 @@ def nearest_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
     return table[key]
 
 
+def bucket_ratio(height: int, width: int, resolution: int) -> float:
+    """The ratio key of the bucket ``(height, width)`` (PixArt's ``closest_ratio``, the aspect
+    micro-condition it trains with: 0.57 for 768 × 1344, not 0.5714); h / w off the table."""
+    for key, size in TABLES[check_resolution(resolution)].items():
+        if size == (height, width):
+            return float(key)
+    return height / width
+
+
 def target_size(height: int, width: int, resolution: int, multi_scale: bool) -> tuple[int, int]:
     """The (height, width) this image is cropped to: its nearest bucket, or the square."""
     if multi_scale:

@@ -118,3 +118,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--vae", default=None, help="VAE PRESET|DIR (default: the one the features used)"
     )
     e.set_defaults(func=_export)
+    from training import import_cli
+
+    import_cli.register(sub)  # alphaset import pixart

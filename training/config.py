@@ -46,6 +46,10 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "no")
 STRATEGIES = ("ddp", "fsdp")
 OBJECTIVES = ("diffusion", "lcm", "controlnet", "dreambooth")
+LR_SCALES = ("none", "sqrt", "linear")  # PixArt's auto_lr rules (diffusion/utils/optimizer.py)
+LR_BASE_BATCH = 256  # PixArt's base_batch_size: lr × sqrt|linear(global batch / 256)
+MICRO_CONDITIONS = ("original", "bucket")
+NULLS = ("t5-empty", "y_embedding")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://…, gs://…, file:/… (not C:\\)
 
@@ -66,9 +70,14 @@ class LcmSettings:
     """``[stage.lcm]``: PixArt-δ's latent consistency distillation (see training.distill)."""
 
     ddim_steps: int = 50  # the skipping schedule: t_n every 1000 / ddim_steps
-    w_min: float = 3.0  # guidance scale range the student learns
+    # PixArt-δ (default): the teacher guides with a fixed w in PixArt's form cond + w·(cond −
+    # uncond), i.e. diffusers' scale w + 1 (4.5 → 5.5), and the student has no w-embedding.
+    teacher_guidance: float = 4.5
+    # The LCM paper's variant: w ~ U[w_min, w_max] (diffusers' form) embedded into the student.
+    guidance_embedding: bool = False
+    w_min: float = 3.0  # guidance scale range the student learns (guidance_embedding)
     w_max: float = 15.0
-    guidance: float = 4.5  # the w folded into the saved model
+    guidance: float = 4.5  # the w folded into the saved model (guidance_embedding)
     target_ema: float = 0.95  # decay of the EMA target network (the saved EMA weights)
     huber_c: float = 0.001
     sigma_data: float = 0.5
@@ -88,6 +97,8 @@ class LcmSettings:
             )
         if not self.guidance >= 1:
             raise UserError(f"{where}: guidance must be >= 1, got {self.guidance}")
+        if not self.teacher_guidance >= 0:
+            raise UserError(f"{where}: teacher_guidance must be >= 0, got {self.teacher_guidance}")
         if not 0 <= self.target_ema < 1:
             raise UserError(f"{where}: target_ema must be in [0, 1), got {self.target_ema}")
         for key in ("huber_c", "sigma_data", "timestep_scaling"):
@@ -157,6 +168,19 @@ class StageConfig:
     multi_scale: bool = False  # aspect-ratio buckets + resolution/aspect micro-conditions
     batch_size: int = 4  # per worker (global batch = batch_size × workers)
     lr: float = 2e-5
+    # none: lr as given; sqrt / linear: lr × sqrt(global batch / 256) or × global batch / 256,
+    # PixArt's auto_lr (its released configs use sqrt); the effective lr is logged and recorded.
+    lr_scale: str = "none"
+    # The positional-embedding scale: a number, "alpha" (PixArt-α's table: 1.0 at 256/512, 2.0 at
+    # 1024) or "sigma" (0.5 / 1.0 / 2.0); unset: an init_from checkpoint's own, else "alpha".
+    pe_interpolation: Any = None
+    # Multi-scale micro-conditions: "original" (PixArt: the source image's height/width and the
+    # bucket's ratio key) or "bucket" (the bucket's pixel size and h/w).
+    micro_conditions: str = "original"
+    # The unconditional caption of caption dropout and validation CFG: "t5-empty" (T5(""), the
+    # features' _null.npz, as diffusers samples) or "y_embedding" (PixArt's learned null, from an
+    # imported PixArt checkpoint of this run).
+    null: str = "t5-empty"
     warmup: int = 1000
     lr_schedule: str = "constant"
     weight_decay: float = 0.03
@@ -246,6 +270,22 @@ class StageConfig:
             raise UserError(f"{where}: validation_prompts must be non-empty strings")
         if self.guidance_scale < 1:
             raise UserError(f"{where}: guidance_scale must be >= 1, got {self.guidance_scale!r}")
+        for key, allowed in (
+            ("lr_scale", LR_SCALES),
+            ("micro_conditions", MICRO_CONDITIONS),
+            ("null", NULLS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise UserError(
+                    f"{where}: {key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
+        if self.pe_interpolation is not None:
+            from training.model import pe_interpolation
+
+            try:
+                pe_interpolation(self.resolution, self.pe_interpolation)
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
 
     def _validate_objective(self, where: str) -> None:
         """The objective's name, its table (keys, types, values, defaults filled in) and what

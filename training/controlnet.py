@@ -2,12 +2,20 @@
 controlled sampling.
 
 diffusers 0.42.1 ships no PixArt ControlNet (only Sana's), so this module implements PixArt-δ's
-design on diffusers' ``PixArtTransformer2DModel``: the base is frozen; trainable copies of its
-first N blocks take the control signal — the VAE latent of the edge map, embedded by the base's
-own (frozen) patch embedding, plus the base's hidden state through a zero-initialised
-``before_proj`` — and each copy's output joins the base after its block i through a
-zero-initialised ``after_proj[i]``. At step 0 both projections are zero, so the model's output
-equals the base's exactly.
+``ControlPixArtHalf`` (``diffusion/model/nets/pixart_controlnet.py``) on diffusers'
+``PixArtTransformer2DModel``. The base is frozen; copy i is a trainable copy of base block i
+(N = 13 of them for PixArt-XL-2). The control latent (the edge map's VAE latent) is embedded by
+the base's own patch embedding and positional embedding, passed through a zero-initialised
+``before_proj`` and added to the *output of base block 0*: that is copy 0's input. Copy i feeds
+copy i + 1, and its output, through a zero-initialised ``after_proj[i]``, is added to the input
+of base block i + 1. At step 0 the projections are zero, so the output equals the base's
+exactly. `training.pixart_import.pixart_controlnet_state_dict` maps PixArt-δ's released
+ControlNet weights onto it.
+
+Training follows PixArt-δ's config (``PixArt_xl2_img1024_controlHed.py``, via ``alphaset
+finetune controlnet``): the control latent is a posterior *sample* drawn each step (PixArt-δ
+encodes HED maps with ``latent_dist.sample()``), 50% caption dropout, clip 0.01, weight decay
+0.03.
 
 Training (``objective = "controlnet"``, ``[stage.controlnet] edges, blocks``): each batch's HED
 maps (``edges/<tag>``) are encoded by the features' VAE at the size of the batch's latent bucket
@@ -42,8 +50,10 @@ class ControlNetTransformer(nn.Module):
     def __init__(self, base: nn.Module, blocks: int):
         super().__init__()
         n_base = len(base.transformer_blocks)
-        if not 1 <= blocks <= n_base:
-            raise UserError(f"blocks must be 1-{n_base} (the base has {n_base}), got {blocks}")
+        if not 1 <= blocks <= n_base - 1:  # copy i feeds base block i + 1
+            raise UserError(
+                f"blocks must be 1-{n_base - 1} (the base has {n_base} blocks), got {blocks}"
+            )
         self.base = base.requires_grad_(False)
         self.blocks = blocks
         inner = base.config.num_attention_heads * base.config.attention_head_dim
@@ -112,18 +122,20 @@ class ControlNetTransformer(nn.Module):
             "timestep": t,
             "class_labels": None,
         }
-        c = None
+        run = self._checkpointed if b.gradient_checkpointing and torch.is_grad_enabled() else _call
+        x = run(b.transformer_blocks[0], x, kw)  # (N, T, D)
         if control is not None:
             c = b.pos_embed(control.to(x.dtype).expand(n, -1, -1, -1))  # (N, T, D)
-        run = self._checkpointed if b.gradient_checkpointing and torch.is_grad_enabled() else _call
-        for i, block in enumerate(b.transformer_blocks):
-            if c is not None and i < self.blocks:
-                if i == 0:
-                    c = self.before_proj(x) + c
-                c = run(self.copies[i], c, kw)
-                x = run(block, x, kw) + self.after_proj[i](c)
-            else:
-                x = run(block, x, kw)
+            c = x + self.before_proj(c)  # copy 0's input: base block 0's output + control
+            for i in range(self.blocks):
+                c = run(self.copies[i], c, kw)  # copy i → copy i + 1
+                x = x + self.after_proj[i](c)  # into the input of base block i + 1
+                x = run(b.transformer_blocks[i + 1], x, kw)
+            rest = range(self.blocks + 1, len(b.transformer_blocks))
+        else:
+            rest = range(1, len(b.transformer_blocks))
+        for i in rest:
+            x = run(b.transformer_blocks[i], x, kw)
         shift, scale = (b.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
         x = b.norm_out(x) * (1 + scale) + shift
         x = b.proj_out(x).reshape(-1, height, width, p, p, b.out_channels)
@@ -224,9 +236,17 @@ def control_image(path_or_array: str | np.ndarray, size: tuple[int, int]) -> tor
 
 @torch.no_grad()
 def encode_control(vae: nn.Module, image: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] → scaled VAE latents (the posterior mode), as PixArt-δ encodes HED."""
+    """(N, 3, H, W) in [-1, 1] → scaled VAE latents, the posterior mode (deterministic sampling
+    with ``alphaset sample --controlnet``; training draws posterior samples, `encode_posterior`)."""
     dist = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
     return dist.mode() * scale_factor
+
+
+@torch.no_grad()
+def encode_posterior(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] → the unscaled posterior (N, 2, C, h, w) = [mean, std]."""
+    dist = vae.encode(image.to(vae.device, vae.dtype)).latent_dist
+    return torch.stack([dist.mean, dist.std], dim=1)
 
 
 class ControlNetObjective(Objective):
@@ -256,15 +276,19 @@ class ControlNetObjective(Objective):
         self.vae = load_vae(str(fset.settings["vae"]), torch.float32, str(self.device))
         self.scale = fset.scale_factor
         self.factor = fset.vae_downsample
-        self.cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.cache: dict[tuple[str, int, int], torch.Tensor] = {}  # unscaled [mean, std]
         return fset
 
     def build(self, base: nn.Module) -> nn.Module:
         return ControlNetTransformer(base, self.settings.blocks)
 
-    def control(self, keys: list[str], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Edge latents (N, C, h, w) of the batch's keys at its latent bucket (h, w), encoded one
-        at a time (so a value never depends on the batch it came in) and cached on the CPU."""
+    def control(
+        self, keys: list[str], latent_hw: tuple[int, int], gen: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Edge latents (N, C, h, w) of the batch's keys at its latent bucket (h, w): posterior
+        samples drawn from ``gen`` (PixArt-δ's ``latent_dist.sample()``; None: the mean). The
+        posteriors are encoded one at a time (so a value never depends on the batch it came in)
+        and cached on the CPU."""
         from training.hed import read_png
 
         h, w = latent_hw
@@ -279,14 +303,19 @@ class ControlNetObjective(Objective):
                 gray = read_png(self.pngs[key])
                 x = control_image(gray, (w * self.factor, h * self.factor)).to(self.device)
                 with torch.autocast(self.device.type, enabled=False):
-                    self.cache[key, h, w] = encode_control(self.vae, x, self.scale)[0].cpu()
+                    self.cache[key, h, w] = encode_posterior(self.vae, x)[0].cpu()
             out.append(self.cache[key, h, w])
-        return torch.stack(out).to(self.device)
+        post = torch.stack(out).to(self.device)  # (N, 2, C, h, w)
+        mean, std = post[:, 0], post[:, 1]
+        if gen is None:
+            return mean * self.scale
+        eps = torch.randn(mean.shape, generator=gen, device=self.device)
+        return (mean + std * eps) * self.scale
 
     def loss(
         self, net: nn.Module, ema: nn.Module, batch: dict[str, Any], gen: torch.Generator
     ) -> torch.Tensor:
-        ctrl = self.control(batch["keys"], tuple(batch["latents"].shape[-2:]))  # (N, C, h, w)
+        ctrl = self.control(batch["keys"], tuple(batch["latents"].shape[-2:]), gen)  # (N, C, h, w)
         return self.per_sample_loss(net, batch, gen, control=ctrl).mean()
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import fs
 from pipeline.cli import UserError
 from pipeline.store import Store, StoreError
+from training.buckets import bucket_ratio
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FeatureSet:
     vae_downsample: int
     scale_factor: float
     multi_scale: bool
+    null_keeps_mask: bool = False  # a dropped caption keeps its mask (PixArt's y_embedding null)
 
     @property
     def t5_dim(self) -> int:
@@ -368,13 +370,26 @@ class FeatureBatches(IterableDataset):
         ) * self.fset.scale_factor
         drop = rng.random(len(raw)) < self.caption_dropout  # (B,)
         t5[drop] = self.fset.null_t5
-        mask[drop] = self.fset.null_mask
+        if not self.fset.null_keeps_mask:
+            mask[drop] = self.fset.null_mask
         hw = np.array([s["meta"]["bucket"] for s in raw], dtype=np.float32)  # (B, 2) pixels
+        # The source image's size (PixArt's data_info height/width), the bucket's where unknown.
+        orig = [(s["meta"].get("orig_height"), s["meta"].get("orig_width")) for s in raw]
+        orig_hw = np.array(
+            [o if None not in o else b for o, b in zip(orig, hw.tolist(), strict=True)],
+            dtype=np.float32,
+        )  # (B, 2) pixels
+        ratio = np.array(
+            [[bucket_ratio(int(h), int(w), int(self.fset.settings["resolution"]))] for h, w in hw],
+            np.float32,
+        )  # (B, 1): the bucket's ratio key, as PixArt's closest_ratio
         return {
             "latents": torch.from_numpy(latents),
             "t5": torch.from_numpy(t5),
             "mask": torch.from_numpy(mask),
             "hw": torch.from_numpy(hw),
+            "orig_hw": torch.from_numpy(orig_hw),
+            "ratio": torch.from_numpy(ratio),
             "keys": [s["__key__"] for s in raw],
             "pos": torch.tensor([worker, epoch, index]),
         }

@@ -9,7 +9,14 @@ sees that x at t_n. Both predictions go through the consistency function
 scaling 10, as diffusers' ``LCMScheduler`` samples with) and meet in a pseudo-Huber loss
 (c = 0.001). Validation grids are 4-step LCM samples.
 
-Guidance: the full student embeds w (LCM's sinusoidal w-embedding of w·1000 → MLP, the last
+Guidance, by default PixArt-δ's recipe (``train_scripts/train_pixart_lcm.py``,
+``configs/pixart_config/PixArt_xl2_img1024_lcm.py``): the teacher guides with a fixed
+``[stage.lcm] teacher_guidance`` w = 4.5 in PixArt's form ``cond + w·(cond − uncond)``, which is
+diffusers' ``uncond + 5.5·(cond − uncond)``; the student is the plain transformer (no
+w-embedding) and its checkpoints are plain weights; grad clip 0.01 (``alphaset distill lcm``).
+
+With ``guidance_embedding = true`` (the LCM paper; ``--guidance-embedding``) w ~ U[3, 15] per
+sample and the full student embeds w (LCM's sinusoidal w-embedding of w·1000 → MLP, the last
 linear zero-initialised) and adds it to the timestep embedding inside ``adaln_single``. The
 checkpoint's ``model.safetensors``/``ema.safetensors`` are plain ``PixArtTransformer2DModel``
 weights: the embedding of ``[stage.lcm] guidance`` (4.5) is folded into the bias of
@@ -147,6 +154,9 @@ class LcmObjective(Objective):
         self.sqrt_ac = self.diffusion.tables["sqrt_ac"]
         self.sqrt_1m = self.diffusion.tables["sqrt_1m_ac"]
         self.teacher: nn.Module | None = None
+        # The LCM paper's w-embedding, or PixArt-δ's fixed teacher guidance (the default).
+        self.random_w = s.guidance_embedding
+        self.embed_w = s.guidance_embedding and self.lora is None
 
     def prepare(self, fset: Any, sdir: str, init: str, dist: Any) -> Any:
         self.null_t5 = torch.from_numpy(fset.null_t5).to(self.device).float()  # (L, D)
@@ -157,6 +167,8 @@ class LcmObjective(Objective):
         self.teacher = copy.deepcopy(base).requires_grad_(False).eval()
         if self.lora is not None:
             return add_lora(base, self.lora)
+        if not self.embed_w:
+            return base.requires_grad_(True)
         return GuidedStudent(base.requires_grad_(True))
 
     def frozen(self) -> list[nn.Module]:
@@ -178,6 +190,14 @@ class LcmObjective(Objective):
         a, s = self.sqrt_ac[t].view(-1, 1, 1, 1), self.sqrt_1m[t].view(-1, 1, 1, 1)
         return (x - s * eps) / a, eps
 
+    def guidance_scales(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """The teacher's CFG scale per sample, diffusers' form: PixArt-δ's fixed 1 + w (5.5),
+        or w ~ U[w_min, w_max] with ``guidance_embedding``."""
+        s = self.settings
+        if not self.random_w:
+            return torch.full((n,), 1.0 + s.teacher_guidance, device=self.device)
+        return s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=gen, device=self.device)
+
     def loss(
         self, net: nn.Module, ema: nn.Module, batch: dict[str, Any], gen: torch.Generator
     ) -> torch.Tensor:
@@ -192,10 +212,10 @@ class LcmObjective(Objective):
         idx = torch.randint(0, cfg.ddim_steps, (n,), generator=gen, device=dev)
         t_hi = self.timesteps[idx]  # (N,)
         t_lo = (t_hi - self.skip).clamp(min=0)
-        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=gen, device=dev)
+        w = self.guidance_scales(n, gen)  # (N,) in diffusers' form: uncond + w (cond - uncond)
         noise = torch.randn(x0.shape, generator=gen, device=dev)
         x_hi = self.diffusion.add_noise(x0, noise, t_hi)
-        ws = w if self.lora is None else None
+        ws = w if self.embed_w else None
         x0_s, _ = self._x0(net, x_hi, t_hi, text, mask, added, ws)
         cs, co = boundary_scalings(t_hi, cfg.sigma_data, cfg.timestep_scaling)
         pred = cs * x_hi + co * x0_s
@@ -233,7 +253,7 @@ class LcmObjective(Objective):
         shape = (n, v.latent_channels, *v.latent_hw)
         latents = torch.randn(shape, generator=gen, device=self.device) * scheduler.init_noise_sigma
         kw = {}
-        if self.lora is None:
+        if self.embed_w:
             kw["w"] = torch.full((n,), self.settings.guidance, device=self.device)
         for t in scheduler.timesteps:
             eps = ema(latents, encoder_hidden_states=v.embeds, encoder_attention_mask=v.mask,
@@ -244,7 +264,7 @@ class LcmObjective(Objective):
         return latents
 
     def files(self, model: nn.Module, ema: nn.Module, gather: Any, info: dict[str, Any]) -> Any:
-        if self.lora is not None:
+        if not self.embed_w:
             return super().files(model, ema, gather, info)
         w = self.settings.guidance
         model_t, model_g, model_bias = fold(gather(model), w)
@@ -261,7 +281,7 @@ class LcmObjective(Objective):
         return {**super().state(init), "lcm_teacher": init}
 
     def load(self, model: nn.Module, ema: nn.Module, ckpt: str) -> None:
-        if self.lora is not None:
+        if not self.embed_w:
             return super().load(model, ema, ckpt)
         g = ck.load_safetensors(os.path.join(ckpt, ck.GUIDANCE_FILE))
         for which, module, name in (("model", model, ck.MODEL_FILE), ("ema", ema, ck.EMA_FILE)):

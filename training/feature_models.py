@@ -249,6 +249,7 @@ def load_vae(value: str, dtype: Any, device: str) -> Any:
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+VAE_DTYPES = ("fp32", "fp16", "bf16")  # the VAE's: fp32 by default (see training.features)
 
 
 def torch_dtype(name: str, device: str) -> Any:

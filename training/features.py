@@ -46,6 +46,7 @@ from pipeline.cluster import place_workers
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store, StoreError
 from training.buckets import buckets, check_resolution, resize_cover_crop, target_size
+from training.feature_models import VAE_DTYPES
 from training.text import TextEncoder, TextFeature, clean_caption
 from training.vae import VaeEncoder
 
@@ -69,7 +70,10 @@ class FeatureSettings:
     max_length: int = 120
     batch_size: int = 16  # images per VAE batch (one bucket per batch)
     text_batch_size: int = 128
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
+    dtype: str = "auto"  # T5: auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
+    # The VAE encodes in fp32 by default, as PixArt-α's single-scale extraction does: a bf16 VAE
+    # rounds the latent mean to 8 bits of mantissa before it is stored (bench/RESULTS.md).
+    vae_dtype: str = "fp32"  # fp32 | fp16 | bf16
     device: str | None = None  # default: cuda when available
     threads: int = 0  # image decode/resize threads; 0 = min(8, CPUs)
 
@@ -85,6 +89,10 @@ class FeatureSettings:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if not self.captions:
             raise ValueError("--captions must name a caption tag, 'alt' or 'label'")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(
+                f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}"
+            )
 
     @property
     def n_threads(self) -> int:
@@ -127,8 +135,9 @@ def stage_settings(
         "view": s.view,
         "max_length": s.max_length,
         "vae_scale_factor": vae_scale_factor,
+        "vae_dtype": s.vae_dtype,
         "buckets": [list(b) for b in buckets(s.resolution, s.multi_scale)],
-        "caption_cleaning": "pixart-lowercase",
+        "caption_cleaning": "pixart-clean_caption-x2",
         "latent": "unscaled posterior [mean, std]",
     }
 
@@ -369,7 +378,8 @@ class FeatureWorker:
         dtype = torch_dtype(s.dtype, device)
         model, tokenizer = load_t5(t5, dtype, device)
         text = TextEncoder(model, tokenizer, s.max_length, s.text_batch_size)
-        self._setup(store, stage, text, VaeEncoder(load_vae(vae, dtype, device)), s, t5, vae)
+        vae_model = load_vae(vae, torch_dtype(s.vae_dtype, device), device)
+        self._setup(store, stage, text, VaeEncoder(vae_model), s, t5, vae)
 
     @classmethod
     def from_models(
@@ -407,7 +417,8 @@ class FeatureWorker:
             "t5": t5_name,
             "vae": vae_name,
             "device": str(vae.device),
-            "dtype": str(vae.dtype).replace("torch.", ""),
+            "dtype": str(text.dtype).replace("torch.", ""),
+            "vae_dtype": str(vae.dtype).replace("torch.", ""),
         }
         self.view: dict[str, set[str]] | None = None
         if s.view is not None:
@@ -501,7 +512,7 @@ class FeatureWorker:
             raw, text_errors = self._raw_texts(shard, keys, meta)
             for k, t in raw.items():
                 c = clean_caption(t)
-                if c:
+                if any(ch.isalnum() for ch in c):  # PixArt's cleaning leaves "." of a bare URL
                     cleaned[k] = c
                 else:
                     text_errors[k] = "empty caption after cleaning"
@@ -626,6 +637,7 @@ def extract_features(
     text_batch_size: int = 128,
     max_length: int = 120,
     dtype: str = "auto",
+    vae_dtype: str = "fp32",
     threads: int = 0,
     shards: list[str] | None = None,
     max_retries: int = 2,
@@ -650,7 +662,7 @@ def extract_features(
     s = FeatureSettings(
         resolution=resolution, multi_scale=multi_scale, captions=source, view=view,
         max_length=max_length, batch_size=batch_size, text_batch_size=text_batch_size,
-        dtype=dtype, threads=threads,
+        dtype=dtype, vae_dtype=vae_dtype, threads=threads,
     )  # fmt: skip
     wanted = shards if shards is not None else store.shards()
     if view is not None:

@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.stage import add_stage_flags, stage_args
 from training.buckets import RESOLUTIONS
+from training.feature_models import VAE_DTYPES
 
 EPILOG = """\
 Reads:  STORE/images/, STORE/meta/, the caption source (captions/<TAG>/, or meta alt_text / label),
@@ -35,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         text_batch_size=args.text_batch_size,
         max_length=args.max_length,
         dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
         threads=args.threads,
         **stage_args(args),
     )
@@ -84,7 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "bf16", "fp16", "fp32"),
-        help="auto: bf16 on GPU, fp32 on CPU",
+        help="T5's dtype; auto: bf16 on GPU (as PixArt), fp32 on CPU",
+    )
+    p.add_argument(
+        "--vae-dtype",
+        default="fp32",
+        choices=VAE_DTYPES,
+        help="the VAE's dtype (default fp32, as PixArt-α at single scale; bf16 rounds the latents)",
     )
     p.add_argument(
         "--threads",

@@ -70,9 +70,12 @@ LCM_EPILOG = f"""\
 Reads:  --teacher: a training run / stage / step-N folder (frozen); STORE/features/<tag> (latents +
         T5, at the teacher's resolution), optionally only the samples of --view.
 {RUN_WRITES}
-        Weights: model.safetensors/ema.safetensors (the EMA target) with the --guidance
-        embedding folded in + guidance_embedding.safetensors; with --lora only lora.safetensors
-        adapters on the teacher.
+        Recipe: PixArt-δ's by default: the teacher guides with fixed w = --teacher-guidance (4.5 in
+        PixArt's cond + w(cond - uncond), diffusers' 5.5), no w-embedding, grad clip 0.01.
+        --guidance-embedding: the LCM paper's w ~ U[3, 15] embedded into the student.
+        Weights: model.safetensors/ema.safetensors (the EMA target; with --guidance-embedding the
+        --guidance embedding folded in + guidance_embedding.safetensors); with --lora only
+        lora.safetensors adapters on the teacher.
 Example: alphaset distill lcm --teacher runs/tiny --store demo-out/store --features tiny-256 \\
            --steps 1000 --bf16 --out runs/tiny-lcm
 Then:    alphaset sample --checkpoint runs/tiny-lcm --sampler lcm --steps 4 --prompt "a cat\""""
@@ -95,7 +98,8 @@ def _lcm(args: argparse.Namespace) -> int:
 
     cfg = lcm_config(
         args.teacher, args.store, args.features, args.out, view=args.view, lora=args.lora,
-        guidance=args.guidance, **_loop_settings(args),
+        guidance=args.guidance, guidance_embedding=args.guidance_embedding,
+        teacher_guidance=args.teacher_guidance, **_loop_settings(args),
     )  # fmt: skip
     return _run(cfg, args)
 
@@ -227,6 +231,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     lc.add_argument("--features", required=True, help="features/<tag>")
     lc.add_argument("--view", default=None)
     lc.add_argument("--lora", type=int, default=None, metavar="RANK", help="LCM-LoRA adapters")
-    lc.add_argument("--guidance", type=float, default=4.5, help="w folded into the saved model")
+    lc.add_argument(
+        "--teacher-guidance",
+        type=float,
+        default=4.5,
+        help="PixArt-δ's fixed teacher w in cond + w(cond - uncond) (default 4.5 = diffusers' 5.5)",
+    )
+    lc.add_argument(
+        "--guidance-embedding",
+        action="store_true",
+        help="the LCM paper's variant: w ~ U[3, 15] embedded into the student",
+    )
+    lc.add_argument(
+        "--guidance",
+        type=float,
+        default=4.5,
+        help="with --guidance-embedding: the w folded into the saved model",
+    )
     _loop_flags(lc, steps=1000, batch_size=2, lr=2e-5, ema="0.95, the LCM target network")
     lc.set_defaults(func=_lcm)

@@ -1,11 +1,14 @@
 """HED edges: the detector (Xie & Tu's holistically-nested edge detection) and the ``edges/<tag>``
 stage that writes one edge map per sample, the ControlNet condition PixArt-δ trains on.
 
-The network is the classic HED: VGG-16's five conv stages (2, 2, 3, 3, 3 conv3x3+ReLU, max-pool
-between stages), a 1x1 side output per stage upsampled to the input size, and a 1x1 fusion of the
-five side maps; the edge map is sigmoid(fused). Weights come from a folder (``config.json`` with
-``widths`` + ``model.safetensors``) or a state-dict file (``.safetensors`` or a ``torch.save``
-file read with ``weights_only=True``) whose names match this module; ``tiny`` is a random one.
+The network has the architecture of ControlNet's ``ControlNetHED_Apache2`` annotator, the HED that
+PixArt-δ extracts its edges with (``diffusion/model/hed.py``), so its standard weights file
+(``ControlNetHED.pth``: ``norm``, ``block1..5.convs.N``, ``block1..5.projection``) loads with
+``--hed FILE``: five VGG-style stages (2, 2, 3, 3, 3 conv3x3 + ReLU, 2x2 max-pool before stages
+2-5) on the RGB input in 0-255 minus a learned ``norm``, a 1x1 projection per stage resized to the
+input size, and the edge map sigmoid(mean of the five). Weights come from that file (``.pth`` read
+with ``weights_only=True``, or ``.safetensors``) or a folder (``config.json`` with ``widths`` +
+``model.safetensors``); ``tiny`` is a random narrow one.
 
 Stage output ``STORE/edges/<tag>/<shard>.parquet``: one row per ok key of image shard N, in
 order: ``key``, ``edges`` (PNG bytes, 8-bit grey, the crop the features stage uses at the same
@@ -35,41 +38,50 @@ from pipeline.store import Store
 KIND = "edges"
 CONVS = (2, 2, 3, 3, 3)
 VGG_WIDTHS = (64, 128, 256, 512, 512)
-MEAN = (122.68, 116.67, 104.01)  # HED's RGB pixel mean (caffe, 0-255)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+class HedStage(nn.Module):
+    """``convs`` (3x3 + ReLU each) then a 1x1 ``projection`` to one side map (DoubleConvBlock)."""
+
+    def __init__(self, c_in: int, c_out: int, n: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            *(nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1) for i in range(n))
+        )
+        self.projection = nn.Conv2d(c_out, 1, 1)
+
+    def forward(self, x: torch.Tensor, down: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if down:
+            x = F.max_pool2d(x, 2, 2)
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return x, self.projection(x)
+
+
 class HED(nn.Module):
-    """VGG-16 stages with side outputs fused: (N, 3, H, W) RGB in [0, 1] → (N, 1, H, W) in (0, 1)."""
+    """ControlNetHED_Apache2's layout: (N, 3, H, W) RGB in [0, 1] → (N, 1, H, W) in (0, 1)."""
 
     def __init__(self, widths: tuple[int, ...] = VGG_WIDTHS):
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"HED has 5 stages, got widths {widths}")
         self.widths = tuple(int(w) for w in widths)
-        self.stages = nn.ModuleList()
+        self.norm = nn.Parameter(torch.zeros(1, 3, 1, 1))
         c_in = 3
-        for n, w in zip(CONVS, self.widths, strict=True):
-            layers: list[nn.Module] = []
-            for _ in range(n):
-                layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.ReLU(inplace=True)]
-                c_in = w
-            self.stages.append(nn.Sequential(*layers))
-        self.sides = nn.ModuleList(nn.Conv2d(w, 1, 1) for w in self.widths)
-        self.fuse = nn.Conv2d(5, 1, 1)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
+        for i, (n, w) in enumerate(zip(CONVS, self.widths, strict=True)):
+            setattr(self, f"block{i + 1}", HedStage(c_in, w, n))
+            c_in = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = (x - self.mean) * 255.0
+        x = x * 255.0 - self.norm
         sides = []
-        for i, (stage, side) in enumerate(zip(self.stages, self.sides, strict=True)):
-            if i:
-                x = F.max_pool2d(x, 2, 2, ceil_mode=True)
-            x = stage(x)
-            sides.append(F.interpolate(side(x), (h, w), mode="bilinear", align_corners=False))
-        return torch.sigmoid(self.fuse(torch.cat(sides, 1)))
+        for i in range(5):
+            x, side = getattr(self, f"block{i + 1}")(x, down=i > 0)
+            sides.append(F.interpolate(side, (h, w), mode="bilinear", align_corners=False))
+        return torch.sigmoid(torch.cat(sides, 1).mean(1, keepdim=True))
 
 
 def _build_tiny(folder: str) -> None:
@@ -104,13 +116,13 @@ def load_hed(value: str, device: str = "cpu") -> HED:
     if os.path.isfile(value):
         state = _read_state(value)
     else:
-        folder, _ = resolve(value, PRESETS, "hed", flag="--hed")
+        folder, _ = resolve(value, PRESETS, "hed-apache2", flag="--hed")  # new layout: new cache
         path = os.path.join(folder, WEIGHTS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--hed {value}: no {WEIGHTS_FILE} in the folder")
         state = _read_state(path)
     try:
-        widths = tuple(int(state[f"sides.{i}.weight"].shape[1]) for i in range(5))
+        widths = tuple(int(state[f"block{i + 1}.projection.weight"].shape[1]) for i in range(5))
         model = HED(widths)
         model.load_state_dict(state)
     except (KeyError, RuntimeError) as e:

@@ -2,8 +2,9 @@
 
 A preset fixes the transformer's shape (layers, heads × head dim, patch size, caption channels).
 A stage fixes what depends on the data: ``sample_size`` (latent side at the stage's resolution),
-``interpolation_scale`` (PixArt's positional-embedding scale: resolution / 512, so 0.5 at 256 px,
-1 at 512, 2 at 1024), micro-conditions (``use_additional_conditions``: the resolution and aspect
+``interpolation_scale`` (PixArt's positional-embedding scale, ``lewei_scale`` in PixArt-α's configs
+and ``pe_interpolation`` in PixArt-Σ's: the sin-cos grid is ``arange(side) / scale``; see
+`PE_INTERPOLATION`), micro-conditions (``use_additional_conditions``: the resolution and aspect
 ratio embedders of PixArt's multi-scale model) and the caption width of the stored T5 features.
 The positional embedding is a fixed sin-cos buffer, not a weight, so weights move between stages
 of different resolutions unchanged.
@@ -68,6 +69,33 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The positional-embedding scale by resolution. PixArt-α: configs/PixArt_xl2_internal.py sets
+# lewei_scale = 1.0 (its 256 and 512 configs inherit it; at 256 px the grid is 0..15) and the 1024
+# configs set 2.0. PixArt-Σ: configs/pixart_sigma_config/*: 0.5 at 256, 1.0 at 512, 2.0 at 1024.
+PE_INTERPOLATION: dict[str, dict[int, float]] = {
+    "alpha": {256: 1.0, 512: 1.0, 1024: 2.0},
+    "sigma": {256: 0.5, 512: 1.0, 1024: 2.0},
+}
+
+
+def pe_interpolation(resolution: int, value: float | str | None = "alpha") -> float:
+    """``value``: a number, or the name of a family in `PE_INTERPOLATION` (None: "alpha")."""
+    if value is None:
+        value = "alpha"
+    if isinstance(value, str):
+        if value not in PE_INTERPOLATION:
+            raise ValueError(
+                f"pe_interpolation must be a number or one of {', '.join(PE_INTERPOLATION)}, "
+                f"got {value!r}"
+            )
+        if resolution not in PE_INTERPOLATION[value]:
+            raise ValueError(f"no {value} pe_interpolation for resolution {resolution}")
+        return PE_INTERPOLATION[value][resolution]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"pe_interpolation must be a positive number, got {value!r}")
+    return float(value)
+
+
 def transformer_config(
     preset: str,
     *,
@@ -77,8 +105,10 @@ def transformer_config(
     vae_downsample: int = 8,
     multi_scale: bool = False,
     learned_sigma: bool = True,
+    pe_scale: float | str | None = "alpha",
 ) -> dict[str, Any]:
-    """The full ``PixArtTransformer2DModel`` config of ``preset`` for one stage's data."""
+    """The full ``PixArtTransformer2DModel`` config of ``preset`` for one stage's data.
+    ``pe_scale``: the positional-embedding scale, a number or "alpha"/"sigma" (`pe_interpolation`)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (presets: {', '.join(PRESETS)})")
     cfg = dict(PRESETS[preset].settings)
@@ -104,7 +134,7 @@ def transformer_config(
         out_channels=latent_channels * 2 if learned_sigma else latent_channels,
         cross_attention_dim=inner,
         sample_size=latent,
-        interpolation_scale=resolution / 512,
+        interpolation_scale=pe_interpolation(resolution, pe_scale),
         use_additional_conditions=multi_scale,
     )
     return cfg
@@ -192,10 +222,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     return missing
 
 
-def micro_conditions(hw: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``added_cond_kwargs`` for a batch of (height, width) pixel sizes: (N, 2) and (N, 1)."""
+def micro_conditions(
+    hw: torch.Tensor, dtype: torch.dtype, aspect: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``added_cond_kwargs`` for a batch of (height, width) pixel sizes (N, 2) and aspect ratios
+    (N, 1); ``aspect`` None: h / w of ``hw``."""
     hw = hw.to(dtype)
-    return {"resolution": hw, "aspect_ratio": (hw[:, 0] / hw[:, 1]).unsqueeze(1)}
+    if aspect is None:
+        aspect = (hw[:, 0] / hw[:, 1]).unsqueeze(1)
+    return {"resolution": hw, "aspect_ratio": aspect.to(dtype)}
 
 
 def count_parameters(model: nn.Module) -> int:

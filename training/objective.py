@@ -138,8 +138,14 @@ class Objective:
         return (cast_batch(b, self.device) for b in loader), dataset.position
 
     def added(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """Resolution/aspect micro-conditions of a multi-scale stage (the batch's bucket)."""
-        return micro_conditions(batch["hw"], torch.float32) if self.stage.multi_scale else None
+        """Resolution/aspect micro-conditions of a multi-scale stage: by default PixArt's, the
+        source image's (height, width) and the bucket's ratio key; ``micro_conditions =
+        "bucket"``: the bucket's pixel size and its h / w."""
+        if not self.stage.multi_scale:
+            return None
+        if self.stage.micro_conditions == "original" and "orig_hw" in batch:
+            return micro_conditions(batch["orig_hw"], torch.float32, batch["ratio"])
+        return micro_conditions(batch["hw"], torch.float32)
 
     def per_sample_loss(
         self, net: nn.Module, batch: dict[str, Any], gen: torch.Generator, **extra: Any

@@ -93,16 +93,22 @@ def lcm_config(
     teacher: str, store: str, features: str, out: str, *, view: str | None = None,
     steps: int = 1000, batch_size: int = 2, lr: float = 2e-5, lora: int | None = None,
     guidance: float = 4.5, ema: float = 0.95, save_every: int | None = None,
-    sample_every: int = 0, validation_prompts: list[str] | None = None, **run: Any,
+    sample_every: int = 0, validation_prompts: list[str] | None = None,
+    guidance_embedding: bool = False, teacher_guidance: float = 4.5, grad_clip: float = 0.01,
+    **run: Any,
 ) -> RunConfig:  # fmt: skip
     """``alphaset distill lcm``: an ``objective = "lcm"`` stage on ``teacher`` (``ema``: the
-    target network's decay)."""
+    target network's decay). PixArt-δ's recipe by default: fixed teacher guidance, no
+    w-embedding, grad clip 0.01; ``guidance_embedding``: the LCM paper's w ~ U[3, 15] embedded."""
     path, cfg, settings = base_run(teacher, "--teacher")
     stage = {
         "name": "lcm", "objective": "lcm", "features": features, "view": view,
         "resolution": int(settings["resolution"]), "multi_scale": bool(settings.get("multi_scale")),
-        "init_from": path, "lora": _lora(lora), "lcm": {"guidance": float(guidance), "target_ema": float(ema)},
+        "init_from": path, "lora": _lora(lora),
+        "lcm": {"guidance": float(guidance), "target_ema": float(ema),
+                "guidance_embedding": guidance_embedding, "teacher_guidance": float(teacher_guidance)},
         **_loop(steps, batch_size, lr, save_every, ema), **_validation(sample_every, validation_prompts),
+        "grad_clip": grad_clip,  # PixArt-δ's LCM config: gradient_clip = 0.01
     }  # fmt: skip
     return one_stage(out, store, cfg, stage, **run)
 
@@ -111,15 +117,20 @@ def controlnet_config(
     store: str, base: str, features: str, edges: str, out: str, *, view: str | None = None,
     blocks: int = 13, steps: int = 1000, batch_size: int = 4, lr: float = 2e-5, ema: float = 0.0,
     save_every: int | None = None, sample_every: int = 0,
-    validation_prompts: list[str] | None = None, **run: Any,
+    validation_prompts: list[str] | None = None, caption_dropout: float = 0.5,
+    grad_clip: float = 0.01, weight_decay: float = 0.03, **run: Any,
 ) -> RunConfig:  # fmt: skip
-    """``alphaset finetune controlnet``: an ``objective = "controlnet"`` stage on ``base``."""
+    """``alphaset finetune controlnet``: an ``objective = "controlnet"`` stage on ``base``, with
+    PixArt-δ's loop settings by default."""
     path, cfg, settings = base_run(base, "--base")
     stage = {
         "name": "controlnet", "objective": "controlnet", "features": features, "view": view,
         "resolution": int(settings["resolution"]), "multi_scale": bool(settings.get("multi_scale")),
         "init_from": path, "controlnet": {"edges": edges, "blocks": blocks},
         **_loop(steps, batch_size, lr, save_every, ema), **_validation(sample_every, validation_prompts),
+        # PixArt-δ's ControlNet config (PixArt_xl2_img1024_controlHed.py): class_dropout_prob 0.5,
+        # gradient_clip 0.01, AdamW weight decay 0.03.
+        "caption_dropout": caption_dropout, "grad_clip": grad_clip, "weight_decay": weight_decay,
     }  # fmt: skip
     return one_stage(out, store, cfg, stage, **run)
 

@@ -448,9 +448,12 @@ def generate(
     settings: SampleSettings,
     device: str = "cpu",
     progress: bool = False,
+    null_embedding: torch.Tensor | None = None,
 ) -> Generation:
     """Generate ``per_prompt`` images per prompt. With ``settings.low_vram`` the pipeline's text
-    encoder is freed (load the model again for another call)."""
+    encoder is freed (load the model again for another call). ``null_embedding`` (L, D): PixArt's
+    learned null caption (``y_embedding``) as CFG's unconditional input instead of T5(""), with
+    each prompt's attention mask as PixArt's inference scripts do."""
     from training.text import clean_caption
 
     # 1. Inputs: one (prompt, seed) per image, the bucket size, the sampler.
@@ -482,6 +485,21 @@ def generate(
     else:
         pipe.to(device)
         start = time.perf_counter()
+    if null_embedding is not None:
+        if not settings.low_vram:
+            with torch.no_grad():
+                embeds = pipe.encode_prompt(
+                    texts, do_classifier_free_guidance=False, device=torch.device(device),
+                    clean_caption=False, max_sequence_length=model.max_length,
+                )  # fmt: skip
+        pe, pm = embeds[0], embeds[1]  # (N, L, D), (N, L)
+        if tuple(null_embedding.shape) != tuple(pe.shape[1:]):
+            raise UserError(
+                f"the y_embedding is {tuple(null_embedding.shape)}, the model's T5 embeddings "
+                f"{tuple(pe.shape[1:])}"
+            )
+        y = null_embedding.to(pe.device, pe.dtype)[None].expand(pe.shape[0], -1, -1)
+        embeds = (pe, pm, y, pm)
 
     # 3. Denoise (and decode, normal path) batch by batch; IDDPM uses a learned variance.
     images: list[Image.Image] = []
@@ -504,7 +522,7 @@ def generate(
                 "use_resolution_binning": False,  # snapped above, to our (training) buckets
                 "max_sequence_length": model.max_length,
             }
-            if not settings.low_vram:
+            if not settings.low_vram and null_embedding is None:
                 images += pipe(texts[lo:hi], negative_prompt=NEGATIVE_PROMPT, **kw).images
                 continue
             pe, pm, ne, nm = (None if t is None else t[lo:hi] for t in embeds)
@@ -640,11 +658,14 @@ def sample(
     lora: str | None = None,
     controlnet: str | None = None,
     control_image: str | None = None,
+    y_embedding: str | None = None,
 ) -> SampleResult:
     """Load ``checkpoint`` (export or run/stage/step folder), generate, and write to ``out``.
 
     ``lora``: ``PATH[:SCALE]`` of a LoRA adapter file (or a LoRA stage's checkpoint folder).
-    ``controlnet`` + ``control_image``: a ControlNet (training.controlnet) and its edge map."""
+    ``controlnet`` + ``control_image``: a ControlNet (training.controlnet) and its edge map.
+    ``y_embedding``: a PixArt ``.pth`` or an ``alphaset import pixart`` folder whose learned null
+    caption is the unconditional input (``null = "y_embedding"``)."""
     from training.feature_models import default_device, torch_dtype
 
     settings = SampleSettings(
@@ -670,6 +691,13 @@ def sample(
         raise UserError("--controlnet and --control-image go together")
     if control_image is not None and not os.path.isfile(control_image):
         raise FileNotFoundError(f"--control-image {control_image}: no such file")
+    null = None
+    if y_embedding is not None:
+        from training.pixart_import import load_y_embedding
+
+        null = load_y_embedding(y_embedding)
+        if null is None:
+            raise UserError(f"--y-embedding {y_embedding}: no y_embedding in it")
     device = device or default_device()
     dt = torch_dtype(dtype, device)
     model = load_model(checkpoint, dtype=dt, weights=weights)
@@ -681,7 +709,7 @@ def sample(
         w, h = settings.size or (model.resolution, model.resolution)
         width, height = snap_size(w, h, model.resolution, model.unit)
         controlled_pipeline(model.pipe, controlnet, control_image, width, height)
-    gen = generate(model, prompts, settings, device=device, progress=progress)
+    gen = generate(model, prompts, settings, device=device, progress=progress, null_embedding=null)
     record, files = None, []
     if out is not None:
         extra = {
@@ -691,6 +719,7 @@ def sample(
             "lora": lora,
             "controlnet": controlnet,
             "control_image": control_image,
+            "y_embedding": y_embedding,
         }
         record = write_outputs(gen, settings, model, out, extra)
         files = [os.path.join(out, i["file"]) for i in record["images"]]

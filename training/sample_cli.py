@@ -50,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         lora=args.lora,
         controlnet=args.controlnet,
         control_image=args.control_image,
+        y_embedding=args.y_embedding,
     )
     s, gen = result.settings, result.generation
     w, h = gen.size
@@ -117,5 +118,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--controlnet", default=None, help="ControlNet file/folder (finetune controlnet)"
     )
     p.add_argument("--control-image", default=None, help="edge map image for --controlnet")
+    p.add_argument(
+        "--y-embedding",
+        default=None,
+        metavar="SOURCE",
+        help="PixArt's learned null caption as CFG's unconditional input: a PixArt .pth or an "
+        "'alphaset import pixart' folder (default: T5 of the empty prompt)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

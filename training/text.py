@@ -1,10 +1,11 @@
 """Caption cleaning and T5 encoding: text in, padded ``(L, D)`` fp16 embeddings + masks out.
 
-Cleaning follows the spirit of DeepFloyd IF's / PixArt-α's ``clean_caption`` (PixArt's training
-features were made from lower-cased, cleaned captions, and its pipelines clean prompts the same
-way at inference): URLs, HTML tags and entities, @handles, file names, long digit runs and
-repeated punctuation/whitespace go; dashes and quotes are normalised. It is a smaller, dependency-free
-rule set (no BeautifulSoup, no ftfy), so it is not byte-identical to theirs.
+Cleaning reproduces PixArt-α's ``clean_caption`` (``diffusion/model/t5.py``, the DeepFloyd IF rule
+set), applied twice as its ``text_preprocessing`` does: PixArt's T5 features were made from captions
+cleaned this way and diffusers' ``PixArtAlphaPipeline`` cleans prompts the same way, so a model
+trained here sees the text PixArt's models saw. ``ftfy`` fixes mojibake and ``BeautifulSoup``
+strips HTML, as in PixArt; the rest is an ordered table of regular expressions
+(``tests/data/pixart_clean_caption.jsonl`` holds PixArt's own outputs for 236 web alt-texts).
 
 Encoding: each distinct text is encoded once; texts are sorted by token count and batched so a
 batch is padded only to its own longest text, then every embedding is zero-padded to ``L``
@@ -18,59 +19,113 @@ from __future__ import annotations
 
 import html
 import re
-import unicodedata
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-_URL = re.compile(
-    r"\b(?:https?://|ftp://|www\.)\S+"
-    r"|\b[\w.-]+\.(?:com|net|org|edu|gov|io|ru|info)(?:/\S*)?\b",
-    re.IGNORECASE,
+# The rules in PixArt's order; the order matters (e.g. URLs go before HTML is parsed, product
+# codes only after ftfy). Each is (pattern, replacement).
+_R = re.compile
+_DOMAINS = r"(?:com|co|ru|net|org|edu|gov|it)"
+_CJK_BLOCKS = (  # strokes, katakana ext., enclosed, compatibility, ext. A, hexagrams, unified
+    "\u31c0-\u31ef",
+    "\u31f0-\u31ff",
+    "\u3200-\u32ff",
+    "\u3300-\u33ff",
+    "\u3400-\u4dbf",
+    "\u4dc0-\u4dff",
+    "\u4e00-\u9fff",
 )
-_HTML_TAG = re.compile(r"</?[A-Za-z][^<>]{0,200}>")
-_HANDLE = re.compile(r"(?<!\w)@[\w.]+")
-_FILENAME = re.compile(r"\S+\.(?:png|jpe?g|bmp|webp|gif|eps|pdf|apk|mp4)\b", re.IGNORECASE)
-_IP = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
-_LONG_NUMBER = re.compile(r"\b\d{6,}\b|#\d+\b")
-_DASHES = re.compile(
-    r"[\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40\u301C\u3030\u30A0\uFE31\uFE32\uFE58\uFE63\uFF0D]+"
-)
-_DQUOTES = re.compile(r"[`´«»“”„¨]")
-_SQUOTES = re.compile(r"[‘’‚]")
-_BAD_PUNCT = re.compile(r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+")
-_REPEATED_PUNCT = re.compile(r"([!?,;:'\"-])\1+")
-_DOTS = re.compile(r"\.{2,}")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
-_WHITESPACE = re.compile(r"\s+")
+_BEFORE_HTML = [
+    (_R("<person>"), "person"),  # anonymised names in LAION-style alt-texts
+    # URLs: a scheme, or a dotted name with one of a few top-level domains (and its path)
+    (
+        _R(
+            rf"\b((?:https?:(?:/{{1,3}}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.]{_DOMAINS}[\w/-]*\b/?(?!@)))"
+        ),
+        "",
+    ),
+    (
+        _R(rf"\b((?:www:(?:/{{1,3}}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.]{_DOMAINS}[\w/-]*\b/?(?!@)))"),
+        "",
+    ),
+]
+_AFTER_HTML = [
+    (_R(r"@[\w\d]+\b"), ""),  # @handles
+    *((_R(f"[{block}]+"), "") for block in _CJK_BLOCKS),  # Chinese/Japanese kanji; not Hangul
+    (
+        _R(
+            "[\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40"
+            "\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d]+"
+        ),
+        "-",
+    ),  # every dash (and runs of them) → one "-"
+    (_R("[`´«»“”¨]"), '"'),
+    (_R("[‘’]"), "'"),
+    (_R(r"&quot;?"), ""),  # left-over entities
+    (_R(r"&amp"), ""),
+    (_R(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}"), " "),  # IP addresses
+    (_R(r"\d:\d\d\s+$"), ""),  # trailing article ids like "1:23 "
+    (_R(r"\\n"), " "),  # a literal backslash-n
+    (_R(r"#\d{1,3}\b"), ""),  # "#123"
+    (_R(r"#\d{5,}\b"), ""),  # "#12345…"
+    (_R(r"\b\d{6,}\b"), ""),  # long numbers
+    (_R(r"\S+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"), ""),  # file names
+    (_R(r"[\"']{2,}"), '"'),  # """SOLD OUT"""
+    (_R(r"\.{2,}"), " "),  # ellipses
+    (_R(r"[#®•©™&@·º½¾¿¡§~)(\][}{|\\/*]+"), " "),  # symbol runs: ***SALE***, #tag
+    (_R(r"\s+\.\s+"), " "),  # a lone " . "
+]
+_SEPARATOR = _R(r"[-_]")  # more than 3 of them: a slug like this-is-my-cat, read as spaces
+_AFTER_FTFY = [
+    (_R(r"\b[a-zA-Z]{1,3}\d{3,15}\b"), ""),  # product codes: jc6640
+    (_R(r"\b[a-zA-Z]+\d+[a-zA-Z]+\b"), ""),  # jc6640vc
+    (_R(r"\b\d+[a-zA-Z]+\d+\b"), ""),  # 6640vc231
+    (_R(r"(worldwide\s+)?(free\s+)?shipping"), ""),  # shop boilerplate
+    (_R(r"(free\s)?download(\sfree)?"), ""),
+    (_R(r"\bclick\b\s(?:for|on)\s\w+"), ""),
+    (_R(r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(\simage[s]?)?"), ""),
+    (_R(r"\bpage\s+\d+\b"), ""),
+    (_R(r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b"), " "),  # j2d1a2a…
+    (_R(r"\b\d+\.?\d*[xх×]\d+\.?\d*\b"), ""),  # sizes: 1920x1080, 60×90 (Latin, Cyrillic x, ×)
+    (_R(r"\b\s+:\s+"), ": "),
+    (_R(r"(\D[,./])\b"), r"\1 "),  # a space after punctuation glued to the next word
+    (_R(r"\s+"), " "),
+    (_R(r"^[\"']([\w\W]+)[\"']$"), r"\1"),  # one pair of enclosing quotes
+    (_R(r"^['_,\-:;]"), ""),  # one stray leading / trailing mark
+    (_R(r"['_,\-:+]$"), ""),
+    (_R(r"^\.\S+$"), ""),  # a dot-file name alone
+]
 
 
-def clean_caption(text: str, lowercase: bool = True) -> str:
-    """A caption as PixArt's T5 saw it in training: cleaned and (by default) lower-cased."""
-    t = str(text)
-    if "%" in t or "+" in t:
-        t = urllib.parse.unquote_plus(t)
-    t = html.unescape(html.unescape(t))
-    t = unicodedata.normalize("NFKC", t)
-    t = t.replace("\\n", " ")
-    t = _URL.sub(" ", t)
-    t = _HTML_TAG.sub(" ", t)
-    t = _HANDLE.sub(" ", t)
-    t = _FILENAME.sub(" ", t)
-    t = _IP.sub(" ", t)
-    t = _LONG_NUMBER.sub(" ", t)
-    t = _DASHES.sub("-", t)
-    t = _DQUOTES.sub('"', t)
-    t = _SQUOTES.sub("'", t)
-    t = _BAD_PUNCT.sub(" ", t)
-    t = _DOTS.sub(" ", t)
-    t = _REPEATED_PUNCT.sub(r"\1", t)
-    t = _WHITESPACE.sub(" ", t)
-    t = _SPACE_BEFORE_PUNCT.sub(r"\1", t)
-    t = t.strip(" \"'-_,:;")
-    return t.lower() if lowercase else t
+def _substitute(text: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _clean_once(text: str) -> str:
+    import ftfy
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
+
+    t = urllib.parse.unquote_plus(str(text)).strip().lower()
+    t = _substitute(t, _BEFORE_HTML)
+    with warnings.catch_warnings():  # a caption that looks like a file name is not a mistake here
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        t = BeautifulSoup(t, features="html.parser").text
+    t = _substitute(t, _AFTER_HTML)
+    if len(_SEPARATOR.findall(t)) > 3:
+        t = _SEPARATOR.sub(" ", t)
+    t = html.unescape(html.unescape(ftfy.fix_text(t))).strip()
+    return _substitute(t, _AFTER_FTFY).strip()
+
+
+def clean_caption(text: str) -> str:
+    """A caption as PixArt's T5 saw it in training: PixArt's cleaning applied twice, lower-cased."""
+    return _clean_once(_clean_once(text))
 
 
 @dataclass
@@ -102,6 +157,10 @@ class TextEncoder:
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> Any:
+        return next(self.model.parameters()).dtype
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts (``</s>`` included)."""

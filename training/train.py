@@ -81,7 +81,7 @@ def train(
     # 1. Check every stage's data and init source before building any model.
     fsets = {s.name: OBJECTIVES[s.objective].open_data(cfg, s) for s in cfg.stages}
     for s in cfg.stages:
-        if s.init_from not in ("previous", "scratch"):
+        if s.init_from not in ("previous", "scratch") and not is_pixart_pth(s.init_from):
             ck.resolve(s.init_from, f"stage {s.name!r}: init_from")
         if s.optimizer == "came":
             _came()
@@ -185,13 +185,16 @@ def train_stage(
     torch.manual_seed(cfg.seed + dist.rank)
     objective = OBJECTIVES[stage.objective](cfg, stage, device)
     fset = objective.prepare(fset, sdir, init, dist)
+    if stage.null == "y_embedding":
+        fset = with_y_embedding_null(fset, cfg, stage)
     latest = ck.latest(sdir) if resume else None
     state = ck.read_state(latest) if latest is not None else None
     if state is not None:
         check_resumable(state, cfg, stage)
     start_step = int(state["step"]) if state is not None else 0
     m = build_models(cfg, stage, fset, objective, init, latest, dist)
-    optimizer = make_optimizer(stage, m.params, device)
+    lr = effective_lr(stage, dist.world_size)
+    optimizer = make_optimizer(stage, m.params, device, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
     position = None
     if state is not None:
@@ -270,8 +273,9 @@ def banner(
         f"[{stage.name}] {stage.objective}{' + LoRA' if stage.lora else ''}, "
         f"{n_params / 1e6:.2f}M trained params, {data}"
         f"{f' (view {fset.view})' if fset.view else ''}, steps {start}->{stage.steps}, "
-        f"batch {stage.batch_size}x{dist.world_size}, {dist.device.type}"
-        f"{' bf16' if cfg.mixed_precision == 'bf16' else ''}"
+        f"batch {stage.batch_size}x{dist.world_size}, lr {effective_lr(stage, dist.world_size):.3g}"
+        f"{f' ({stage.lr:g} x {stage.lr_scale} scaling)' if stage.lr_scale != 'none' else ''}, "
+        f"{dist.device.type}{' bf16' if cfg.mixed_precision == 'bf16' else ''}"
     )
 
 
@@ -292,9 +296,10 @@ def build_models(
             cfg.model, resolution=stage.resolution, caption_channels=fset.t5_dim,
             latent_channels=fset.latent_channels, vae_downsample=fset.vae_downsample,
             multi_scale=stage.multi_scale, learned_sigma=cfg.learned_sigma,
+            pe_scale=stage_pe_interpolation(stage, init),
         )  # fmt: skip
     else:  # a fine-tuning objective keeps the architecture of the model it starts from
-        tconfig = ck.transformer_config(init)
+        tconfig = init_transformer_config(init)
         if bool(tconfig.get("use_additional_conditions")) != stage.multi_scale:
             raise UserError(
                 f"stage {stage.name!r}: multi_scale = {str(stage.multi_scale).lower()} but its "
@@ -305,7 +310,7 @@ def build_models(
     fresh_full = latest is not None and objective.resume_replaces_base
     if init != "scratch" and not fresh_full:
         try:
-            missing = load_weights(base, ck.load_state_dict(init, objective.init_weights), init)
+            missing = load_weights(base, init_state_dict(init, objective.init_weights), init)
         except ValueError as e:  # load_weights' "do not fit": an incompatible base
             raise UserError(f"stage {stage.name!r}: {e}") from e
         if missing and dist.is_main:
@@ -340,6 +345,84 @@ def build_models(
     )
 
 
+def effective_lr(stage: StageConfig, world_size: int) -> float:
+    """The stage's lr after PixArt's ``auto_scale_lr`` rule: × sqrt (or ×) global batch / 256,
+    the global batch counting every worker (this loop takes one optimizer step per batch, so
+    there is no accumulation factor). At PixArt's 176 per GPU × 64 GPUs, sqrt gives 6.63×."""
+    from training.config import LR_BASE_BATCH
+
+    ratio = stage.batch_size * world_size / LR_BASE_BATCH
+    factor = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[stage.lr_scale]
+    return stage.lr * factor
+
+
+def with_y_embedding_null(fset: FeatureSet, cfg: RunConfig, stage: StageConfig) -> FeatureSet:
+    """``null = "y_embedding"``: PixArt's learned null caption, from the run's imported PixArt
+    checkpoint (the nearest explicit ``init_from`` at or before this stage), replaces T5("") in
+    caption dropout and validation. As in PixArt's training, a dropped caption keeps its own
+    attention mask; validation attends to all of it."""
+    import dataclasses
+
+    from training.pixart_import import load_y_embedding
+
+    i = cfg.stages.index(stage)
+    source = next(
+        (s.init_from for s in reversed(cfg.stages[: i + 1]) if s.init_from != "previous"), None
+    )
+    y = load_y_embedding(source) if source not in (None, "scratch") else None
+    if y is None:
+        raise UserError(
+            f"stage {stage.name!r}: null = 'y_embedding' needs an init_from PixArt .pth or a folder "
+            f"written by 'alphaset import pixart' (this run starts from {source})"
+        )
+    if tuple(y.shape) != fset.null_t5.shape:
+        raise UserError(
+            f"stage {stage.name!r}: the y_embedding of {source} is {tuple(y.shape)}, the features' "
+            f"T5 embeddings {fset.null_t5.shape}"
+        )
+    return dataclasses.replace(
+        fset,
+        null_t5=y.numpy().astype(np.float16),
+        null_mask=np.ones_like(fset.null_mask),
+        null_keeps_mask=True,
+    )
+
+
+def is_pixart_pth(init: str) -> bool:
+    """``init_from`` names an official PixArt ``.pth`` file (converted on load)."""
+    return init.endswith(".pth") and os.path.isfile(init)
+
+
+def init_state_dict(init: str, weights: str) -> dict[str, torch.Tensor]:
+    """The init weights of a stage: an alphaset/diffusers checkpoint, or a PixArt ``.pth``."""
+    if is_pixart_pth(init):
+        from training.pixart_import import import_pixart, read_pth
+
+        return import_pixart(read_pth(init)).state_dict
+    return ck.load_state_dict(init, weights)
+
+
+def init_transformer_config(init: str) -> dict[str, Any]:
+    """The transformer config of an init source (a PixArt ``.pth``: inferred from its tensors)."""
+    if is_pixart_pth(init):
+        from training.pixart_import import import_pixart, read_pth
+
+        return import_pixart(read_pth(init)).config
+    return ck.transformer_config(init)
+
+
+def stage_pe_interpolation(stage: StageConfig, init: str) -> float | str:
+    """The stage's ``pe_interpolation``; unset, an explicit ``init_from`` checkpoint's own scale
+    (per latent side, so the same grid extent at the stage's resolution), else PixArt-α's."""
+    if stage.pe_interpolation is not None:
+        return stage.pe_interpolation
+    if stage.init_from in ("previous", "scratch"):
+        return "alpha"
+    base = init_transformer_config(init)
+    scale = base.get("interpolation_scale") or max(base["sample_size"] // 64, 1)
+    return float(scale) * (stage.resolution // 8) / base["sample_size"]
+
+
 def lr_lambda(stage: StageConfig):
     warmup, steps, schedule = stage.warmup, stage.steps, stage.lr_schedule
 
@@ -365,20 +448,25 @@ def _came():
 
 
 def make_optimizer(
-    stage: StageConfig, params: list[torch.nn.Parameter], device: torch.device
+    stage: StageConfig,
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+    lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW with PixArt's settings (eps 1e-10, weight decay 0.03), or CAME (PixArt-Σ's)."""
+    """AdamW with PixArt's settings (eps 1e-10, weight decay 0.03), or CAME (PixArt-Σ's);
+    ``lr``: the effective lr (`effective_lr`), default the stage's."""
+    lr = stage.lr if lr is None else lr
     if stage.optimizer == "came":
         return _came()(
             params,
-            lr=stage.lr,
+            lr=lr,
             weight_decay=stage.weight_decay,
             betas=(0.9, 0.999, 0.9999),
             eps=(1e-30, 1e-16),
         )
     return torch.optim.AdamW(
         params,
-        lr=stage.lr,
+        lr=lr,
         weight_decay=stage.weight_decay,
         eps=stage.adam_eps,
         fused=device.type == "cuda",
@@ -655,6 +743,8 @@ def save_checkpoint(
                 "settings": fset.settings,
             },
             "lr_scheduler": scheduler.state_dict(),
+            "effective_lr": effective_lr(stage, dist.world_size),
+            "global_batch": stage.batch_size * dist.world_size,
             "data": positions,
             "rng": rngs,
             "param_checksums": checksums,

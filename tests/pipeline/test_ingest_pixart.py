@@ -87,7 +87,11 @@ def test_malformed_and_unsafe_entries(image_root, tmp_path):
     )
     rows = store.read_meta("000000").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "error", "error", "error"]
-    assert json.loads(rows[0]["source_meta"]) == {"ration": 0.5, "ratio": 0.5}
+    assert json.loads(rows[0]["source_meta"]) == {
+        "ration": 0.5,
+        "ratio": 0.5,
+        "sidecar_problem": "ratio mismatch: data_info 0.5, image h/w 0.667 (800x534)",
+    }
     assert rows[1]["error"] == rows[2]["error"] == "malformed entry: no 'path' string"
     assert rows[3]["error"].startswith("unsafe path") and rows[4]["error"].startswith("unsafe path")
     assert s.errors == {"malformed entry": 2, "unsafe path": 2}
@@ -112,3 +116,41 @@ def test_bad_data_info_is_one_line(tmp_path, capsys, content, root, message):
     args = ["ingest", "pixart", str(info), "--root", str(root_dir), "--store", str(tmp_path / "s")]
     assert main(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_caption_field_and_ratio_checks(tmp_path, capsys):
+    """PixArt-Σ's sharegpt4v field as the caption; ratios above PixArt-α's 4 and ratios that
+    disagree with the image are kept but counted in the summary."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    truck = Image.open(INFO.parent / "photos" / "sam_truck.jpg")  # 1800x1200
+    truck.save(root / "wide.jpg")
+    truck.crop((0, 0, 250, 1200)).save(root / "tall.jpg")  # h/w 4.8: PixArt-α drops it
+    truck.crop((0, 0, 600, 1200)).save(root / "two.jpg")  # h/w 2.0
+    entries = [
+        {"path": "wide.jpg", "prompt": "a truck", "sharegpt4v": "A long caption of a truck.",
+         "height": 1200, "width": 1800, "ratio": 0.667},
+        {"path": "tall.jpg", "prompt": "a strip", "sharegpt4v": "A tall strip.", "ratio": 4.8},
+        {"path": "two.jpg", "prompt": "no long caption", "ratio": 1.0},
+    ]  # fmt: skip
+    info = tmp_path / "data_info.json"
+    info.write_text(json.dumps(entries))
+    store = tmp_path / "s"
+    args = ["ingest", "pixart", str(info), "--root", str(root), "--store", str(store)]
+    assert main([*args, "--caption-field", "sharegpt4v", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 ok, 0 errors)" in out
+    assert "note         1  ratio above PixArt-α's limit of 4 (its loader drops the row)" in out
+    assert "note         1  ratio mismatch (image kept)" in out
+    rows = Store(str(store)).read_meta("000000").to_pylist()
+    assert [r["alt_text"] for r in rows] == ["A long caption of a truck.", "A tall strip.", None]
+    wide, tall, two = (json.loads(r["source_meta"]) for r in rows)
+    assert wide["prompt"] == "a truck" and "sidecar_problem" not in wide  # 0.667 ≈ 1200/1800
+    assert tall["sidecar_problem"].startswith("ratio above PixArt-α's limit of 4")
+    assert two["sidecar_problem"] == (
+        "ratio mismatch: data_info 1.0, image h/w 2.000 (600x1200); no 'sharegpt4v' caption"
+    )
+    status = Store(str(store)).status("ingest", "000000")
+    assert status["settings"]["caption_field"] == "sharegpt4v"
+    with pytest.raises(SourceError, match="--caption-field must be one of prompt, sharegpt4v"):
+        pixart_samples(str(info), str(root), caption_field="caption")

@@ -118,3 +118,12 @@ def test_resize_cover_crop_gives_the_bucket(size):
         out = resize_cover_crop(img, h, w)
         assert out.size == (w, h)
         assert np.asarray(out)[h // 2, w // 2].tolist() == [10, 20, 30]
+
+
+def test_bucket_ratio_is_pixarts_ratio_key():
+    """The aspect micro-condition PixArt trains with is the table's key (closest_ratio)."""
+    from training.buckets import bucket_ratio
+
+    assert bucket_ratio(768, 1344, 1024) == 0.57  # not 768 / 1344 = 0.5714
+    assert bucket_ratio(256, 256, 256) == 1.0
+    assert bucket_ratio(300, 200, 256) == 1.5  # off the table: h / w

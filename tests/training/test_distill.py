@@ -30,7 +30,7 @@ def lcm_run(train_store, trained_run, tmp_path_factory, kit) -> Path:
     cfg = lcm_config(
         str(trained_run / "align"), train_store, kit.TAG, str(out), steps=6, batch_size=2,
         lr=1e-3, num_workers=0, log_every=1, sample_every=6,
-        validation_prompts=["a photo of a cat"],
+        validation_prompts=["a photo of a cat"], guidance_embedding=True, grad_clip=1.0,
     )  # fmt: skip
     run_recipe(cfg, progress=False, device="cpu")
     return out

@@ -76,7 +76,9 @@ def test_multi_scale_export_keeps_the_positional_embedding():
     """sample_size 128 (so the pipeline passes micro-conditions), same outputs as trained."""
     from diffusers import PixArtTransformer2DModel
 
-    cfg = transformer_config("tiny", resolution=256, caption_channels=64, multi_scale=True)
+    cfg = transformer_config(
+        "tiny", resolution=256, caption_channels=64, multi_scale=True, pe_scale="sigma"
+    )
     trained = build_transformer(cfg).eval()
     for p in trained.parameters():  # non-zero everywhere, so the output depends on positions
         p.data.normal_(0, 0.05)

@@ -29,12 +29,41 @@ def test_pixart_xl_2_is_pixart_alpha_1024_ms():
     low = transformer_config(
         "pixart-xl-2", resolution=256, caption_channels=4096, learned_sigma=False
     )
-    assert (low["sample_size"], low["interpolation_scale"], low["out_channels"]) == (32, 0.5, 4)
+    assert (low["sample_size"], low["interpolation_scale"], low["out_channels"]) == (32, 1.0, 4)
     assert low["use_additional_conditions"] is False
     with pytest.raises(
         ValueError, match=r"takes 4096-wide T5 features but the features are 64-wide"
     ):
         transformer_config("pixart-xl-2", resolution=256, caption_channels=64)
+
+
+def test_pe_interpolation_defaults_to_pixart_alpha_per_resolution():
+    """PixArt-α: lewei_scale 1.0 at 256/512, 2.0 at 1024; PixArt-Σ: 0.5 at 256; or a number."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    scale = {
+        r: transformer_config("tiny", resolution=r, caption_channels=64)["interpolation_scale"]
+        for r in (256, 512, 1024)
+    }
+    assert scale == {256: 1.0, 512: 1.0, 1024: 2.0}
+    sigma = transformer_config("tiny", resolution=256, caption_channels=64, pe_scale="sigma")
+    assert sigma["interpolation_scale"] == 0.5
+    assert (
+        transformer_config("tiny", resolution=512, caption_channels=64, pe_scale=0.75)[
+            "interpolation_scale"
+        ]
+        == 0.75
+    )
+    # At 256 px with scale 1.0 the grid is PixArt-α's 0..15: the embedding of patch (0, 15).
+    model = build_transformer(transformer_config("tiny", resolution=256, caption_channels=64))
+    grid = get_2d_sincos_pos_embed(48, 16, base_size=16, interpolation_scale=1.0, output_type="pt")
+    assert torch.allclose(model.pos_embed.pos_embed[0], grid.float())
+    with pytest.raises(
+        ValueError, match=r"pe_interpolation must be a number or one of alpha, sigma"
+    ):
+        transformer_config("tiny", resolution=256, caption_channels=64, pe_scale="gamma")
+    with pytest.raises(ValueError, match=r"pe_interpolation must be a positive number, got 0"):
+        transformer_config("tiny", resolution=256, caption_channels=64, pe_scale=0)
 
 
 def test_tiny_preset_takes_the_features_width_and_pixart_init():
