@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from PIL import Image
 
+from pipeline.errors import UserError
+
 ASPECT_RATIO_1024: dict[str, tuple[int, int]] = {
     "0.25": (512, 2048), "0.26": (512, 1984), "0.27": (512, 1920), "0.28": (512, 1856),
     "0.32": (576, 1792), "0.33": (576, 1728), "0.35": (576, 1664), "0.4": (640, 1600),
@@ -63,7 +65,7 @@ RESOLUTIONS = tuple(TABLES)
 def check_resolution(resolution: int) -> int:
     if resolution not in TABLES:
         allowed = ", ".join(str(r) for r in RESOLUTIONS)
-        raise ValueError(f"--resolution must be one of {allowed}, got {resolution}")
+        raise UserError(f"--resolution must be one of {allowed}, got {resolution}")
     return resolution
 
 

@@ -23,6 +23,7 @@ import os
 import random
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.models import Preset, not_found, resolve
 
 T5_DIM_TINY = 64
@@ -257,7 +258,7 @@ def torch_dtype(name: str, device: str) -> Any:
     import torch
 
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
         name = "bf16" if device.startswith("cuda") else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

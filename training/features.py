@@ -43,6 +43,7 @@ from PIL import Image
 
 from pipeline import fs, images
 from pipeline.cluster import place_workers
+from pipeline.errors import UserError
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store, StoreError
 from training.buckets import buckets, check_resolution, resize_cover_crop, target_size
@@ -80,17 +81,17 @@ class FeatureSettings:
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
         if self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2 tokens, got {self.max_length}")
+            raise UserError(f"--max-length must be >= 2 tokens, got {self.max_length}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.text_batch_size < 1:
-            raise ValueError(f"--text-batch-size must be >= 1, got {self.text_batch_size}")
+            raise UserError(f"--text-batch-size must be >= 1, got {self.text_batch_size}")
         if self.threads < 0:
-            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+            raise UserError(f"--threads must be >= 0, got {self.threads}")
         if not self.captions:
-            raise ValueError("--captions must name a caption tag, 'alt' or 'label'")
+            raise UserError("--captions must name a caption tag, 'alt' or 'label'")
         if self.vae_dtype not in VAE_DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {self.vae_dtype!r}"
             )
 
@@ -115,7 +116,7 @@ def default_tag(t5: str, vae: str, resolution: int, multi_scale: bool, captions:
 
 def check_tag(tag: str) -> str:
     if not tag or tag.startswith(("_", ".")) or _TAG_SAFE.search(tag):
-        raise ValueError(
+        raise UserError(
             f"bad --tag {tag!r}: use letters, digits, '_' and '-', not starting with '_'"
         )
     return tag
@@ -607,7 +608,7 @@ def caption_source(store: Store, captions: str | None) -> str:
     tags = [s.split("/", 1)[1] for s in store.stages() if s.startswith("captions/")]
     if captions is None:
         if len(tags) > 1:
-            raise ValueError(
+            raise UserError(
                 f"the store has several caption tags ({', '.join(tags)}); choose one with --captions"
             )
         return tags[0] if tags else ALT

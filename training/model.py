@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.models import Preset
 
 # Constructor arguments of PixArtTransformer2DModel for PixArt-XL-2-1024-MS (diffusers config).
@@ -84,15 +85,15 @@ def pe_interpolation(resolution: int, value: float | str | None = "alpha") -> fl
         value = "alpha"
     if isinstance(value, str):
         if value not in PE_INTERPOLATION:
-            raise ValueError(
+            raise UserError(
                 f"pe_interpolation must be a number or one of {', '.join(PE_INTERPOLATION)}, "
                 f"got {value!r}"
             )
         if resolution not in PE_INTERPOLATION[value]:
-            raise ValueError(f"no {value} pe_interpolation for resolution {resolution}")
+            raise UserError(f"no {value} pe_interpolation for resolution {resolution}")
         return PE_INTERPOLATION[value][resolution]
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"pe_interpolation must be a positive number, got {value!r}")
+        raise UserError(f"pe_interpolation must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -110,24 +111,22 @@ def transformer_config(
     """The full ``PixArtTransformer2DModel`` config of ``preset`` for one stage's data.
     ``pe_scale``: the positional-embedding scale, a number or "alpha"/"sigma" (`pe_interpolation`)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r} (presets: {', '.join(PRESETS)})")
+        raise UserError(f"unknown model preset {preset!r} (presets: {', '.join(PRESETS)})")
     cfg = dict(PRESETS[preset].settings)
     want = cfg["caption_channels"]
     if want is not None and want != caption_channels:
-        raise ValueError(
+        raise UserError(
             f"model preset {preset} takes {want}-wide T5 features but the features are "
             f"{caption_channels}-wide; extract features with the matching T5 or pick another preset"
         )
     inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if multi_scale and inner % 3:
-        raise ValueError(
+        raise UserError(
             f"model preset {preset}: multi-scale micro-conditions need a hidden size divisible by 3, got {inner}"
         )
     latent = resolution // vae_downsample
     if latent % cfg["patch_size"]:
-        raise ValueError(
-            f"latent side {latent} is not a multiple of patch size {cfg['patch_size']}"
-        )
+        raise UserError(f"latent side {latent} is not a multiple of patch size {cfg['patch_size']}")
     cfg.update(
         caption_channels=caption_channels,
         in_channels=latent_channels,

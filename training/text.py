@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 # The rules in PixArt's order; the order matters (e.g. URLs go before HTML is parsed, product
 # codes only after ftfy). Each is (pattern, replacement).
 _R = re.compile
@@ -145,9 +147,9 @@ class TextEncoder:
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 120, batch_size: int = 128):
         if max_length < 2:
-            raise ValueError(f"--max-length must be >= 2 tokens, got {max_length}")
+            raise UserError(f"--max-length must be >= 2 tokens, got {max_length}")
         if batch_size < 1:
-            raise ValueError(f"text batch size must be >= 1, got {batch_size}")
+            raise UserError(f"text batch size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -27,6 +27,7 @@ import polars as pl
 from PIL import Image, ImageDraw, ImageOps
 
 from pipeline import fs, views
+from pipeline.errors import UserError
 from pipeline.images import ImageError, decode
 from pipeline.store import Store, StoreError
 
@@ -433,7 +434,7 @@ class Explorer:
         import torch
 
         if not text or not text.strip():
-            raise ValueError("type a text to search for")
+            raise UserError("type a text to search for")
         index = self.search_index(tag)
         clip = self.clip_for(index.tag)
         with torch.inference_mode():
@@ -456,9 +457,9 @@ class Explorer:
         """``STORE/views/NAME.parquet`` of the filter: `pipeline.views.create_view`, exactly what
         ``manifest view create NAME --where WHERE`` writes."""
         if not (where or "").strip():
-            raise ValueError("type a --where expression to save it as a view")
+            raise UserError("type a --where expression to save it as a view")
         if not (name or "").strip():
-            raise ValueError("type a name for the view")
+            raise UserError("type a name for the view")
         return views.create_view(self.store, name.strip(), where.strip(), replace=replace)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.errors import UserError
 from training.buckets import TABLES
 from training.sample import (
     NEGATIVE_PROMPT,
@@ -40,7 +41,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 MAX_IMAGES = 16  # images of one request (prompts × images per prompt)
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError):
     """A request the user can fix (shown as one line in the page)."""
 
 
