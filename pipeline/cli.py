@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pipeline import __version__
@@ -35,12 +36,14 @@ class UserError(Exception):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types printed as one line instead of a traceback."""
+    from pipeline.fs import StorageError
     from pipeline.ingest.folder import SourceError
     from pipeline.store import StoreError
 
     types: list[type[BaseException]] = [
         UserError,
         StoreError,
+        StorageError,
         SourceError,
         FileNotFoundError,
         ValueError,
@@ -79,7 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command group not built in this checkout
             raise
         module.register(sub)
+    _add_storage_options(parser)
     return parser
+
+
+def _add_storage_options(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--storage-options JSON`` on the top level and on every command that takes ``--store``
+    (so it can stand next to the store URL); `main` exports it for subprocesses and workers."""
+    help_text = (
+        "JSON object of fsspec options for an object store, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000", "anon": false}\' or \'{"profile": "lab"}\' '
+        "(default: $ALPHASET_STORAGE_OPTIONS)"
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_storage_options(child, top=False)
+    if top:
+        parser.add_argument("--storage-options", default=None, metavar="JSON", help=help_text)
+    elif any("--store" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--storage-options", default=argparse.SUPPRESS, metavar="JSON", help=help_text
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,12 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from pipeline import fs
+
     try:
+        if args.storage_options is not None:
+            os.environ[fs.STORAGE_OPTIONS_ENV] = args.storage_options  # workers inherit it
+            fs.storage_options()  # a bad value fails here, before any work
         return int(args.func(args) or 0)
-    except user_error_types() as e:
-        if args.verbose:
+    except Exception as e:
+        err = e if isinstance(e, user_error_types()) else fs.storage_error(e)
+        if err is None or args.verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"alphaset {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

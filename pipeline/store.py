@@ -16,26 +16,46 @@ duckdb reading a whole folder (``pl.read_parquet("STORE/meta")``) see only the P
 Workers write their output file(s), then the status record (each atomically). The manifest is
 rebuilt from status records by drivers, so a crash between a shard's write and the manifest
 update loses nothing, and concurrent workers never race on a shared file.
+
+Reading a stage's state must not cost one request per shard (25,000 shards × 8 stages on S3
+would be hours of GETs). Each stage folder therefore holds a **status index**,
+``_status/<stage>/_index.json.gz``: every record of the stage plus the listing fingerprint
+(ETag/size/mtime) it was read under. The records stay the truth: a reader lists the folder (one
+request per 1,000 records), re-reads only the records whose fingerprint is new or changed
+(concurrently), and drops those that vanished. A Store keeps its indexes in memory, so a second
+look in the same process costs only the listing; drivers persist changed indexes when they
+refresh the manifest, and nothing else writes them (read-only commands keep working on a
+read-only copy).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import hashlib
 import io
 import json
+import logging
+import re
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import __version__, fs
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 STATUS_DIR = "_status"
 CONFIG_NAME = "config.json"
+INDEX_NAME = "_index.json.gz"
+INDEX_VERSION = 1
+_RECORD_NAME = re.compile(r"^(\d+)\.json$")
 STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
 
 # One schema for every meta shard, whatever the source, so a folder of shards reads as one table.
@@ -102,6 +122,24 @@ class Store:
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
+        # In-process caches (never pickled): status indexes by stage, the background refresh.
+        self._indexes: dict[str, _StageIndex] = {}
+        self._lock = threading.RLock()  # index updates: a background refresh and the caller
+        self._refresher: threading.Thread | None = None
+        self._refresher_lock = threading.Lock()
+        self._bucket_checked = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self.__post_init__()
+
+    def _check_bucket(self) -> None:
+        if not self._bucket_checked:
+            fs.check_bucket(self.root)
+            self._bucket_checked = True
 
     # ---- paths -------------------------------------------------------------------------------
     def url(self, *parts: str) -> str:
@@ -133,12 +171,14 @@ class Store:
         return fs.exists(self.manifest_url)
 
     def create(self) -> None:
-        """Create an empty store (idempotent)."""
+        """Create an empty store (idempotent). On an object store the bucket must exist."""
+        self._check_bucket()
         if not self.exists():
             fs.makedirs(self.root)
             self.write_manifest(self._empty_manifest())
 
     def require(self) -> None:
+        self._check_bucket()
         if not self.exists():
             raise StoreError(
                 f"no store at {self.root} (no manifest.json); create one with 'alphaset ingest … --store {self.root}'"
@@ -158,20 +198,69 @@ class Store:
         return rec
 
     def status(self, stage: str, shard: str) -> dict[str, Any] | None:
-        url = self.status_url(stage, shard)
-        if not fs.exists(url):
+        try:
+            return json.loads(fs.read_text(self.status_url(stage, shard)))
+        except FileNotFoundError:
             return None
-        return json.loads(fs.read_text(url))
 
     def completed(self, stage: str) -> dict[str, dict[str, Any]]:
-        """All status records of a stage, by shard name."""
-        out = {}
+        """All status records of a stage, by shard name: what the store holds now, read through
+        the stage's status index (a listing plus the records that changed since)."""
+        with self._lock:
+            return dict(self._index(stage).records)
+
+    def _index(self, stage: str) -> _StageIndex:
+        """Bring the in-memory index of ``stage`` up to date with the records (caller holds the lock)."""
         folder = self.status_dir(stage)
-        for name in fs.ls(folder, ".json"):
-            shard = name[: -len(".json")]
-            if shard.isdigit():
-                out[shard] = json.loads(fs.read_text(fs.join(folder, name)))
-        return out
+        names = fs.listing(folder)
+        idx = self._indexes.get(stage)
+        if idx is None:
+            idx = self._load_index(stage) if INDEX_NAME in names else _StageIndex()
+            self._indexes[stage] = idx
+        marks = {m.group(1): fp for n, fp in names.items() if (m := _RECORD_NAME.match(n))}
+        gone = [s for s in idx.marks if s not in marks]
+        changed = [s for s, fp in marks.items() if idx.marks.get(s) != fp]
+        for s in gone:
+            del idx.records[s], idx.marks[s]
+        if changed:
+            urls = {fs.join(folder, s + ".json"): s for s in changed}
+            got = fs.read_many(list(urls))
+            for url, data in got.items():
+                idx.records[urls[url]] = json.loads(data)
+                idx.marks[urls[url]] = marks[urls[url]]
+            log.debug("%s: %d status record(s) read, %d gone", stage, len(got), len(gone))
+        if gone or changed:
+            idx.dirty = True
+        return idx
+
+    def _load_index(self, stage: str) -> _StageIndex:
+        url = fs.join(self.status_dir(stage), INDEX_NAME)
+        try:
+            doc = json.loads(gzip.decompress(fs.read_bytes(url)))
+        except FileNotFoundError:
+            return _StageIndex()
+        except (OSError, EOFError, ValueError) as e:  # a damaged index is rebuilt from the records
+            log.warning("%s unreadable (%s); rebuilding it from the status records", url, e)
+            return _StageIndex()
+        if doc.get("version") != INDEX_VERSION:
+            return _StageIndex()
+        return _StageIndex(records=doc["records"], marks=doc["marks"], dirty=False)
+
+    def _save_index(self, stage: str) -> None:
+        """Persist the index of ``stage`` if it changed since it was read (drivers only)."""
+        idx = self._indexes.get(stage)
+        if idx is None or not idx.dirty:
+            return
+        doc = {
+            "version": INDEX_VERSION,
+            "stage": stage,
+            "written": now_iso(),
+            "records": idx.records,
+            "marks": idx.marks,
+        }
+        data = gzip.compress(json.dumps(doc, sort_keys=True).encode(), compresslevel=5)
+        fs.atomic_write(fs.join(self.status_dir(stage), INDEX_NAME), data)
+        idx.dirty = False
 
     def shards(self) -> list[str]:
         """Ingested (complete) shard names, in order."""
@@ -180,7 +269,8 @@ class Store:
     def stages(self) -> list[str]:
         """Every ``<kind>/<tag>`` present in the store."""
         out = []
-        for kind in STAGE_KINDS:
+        present = set(fs.ls(self.url(STATUS_DIR)))  # one listing instead of one per kind
+        for kind in (k for k in STAGE_KINDS if k in present):
             for tag in fs.ls(self.url(STATUS_DIR, kind)):
                 if not tag.startswith((".", "_")):
                     out.append(f"{kind}/{tag}")
@@ -188,8 +278,10 @@ class Store:
 
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
-        url = fs.join(self.status_dir(stage), CONFIG_NAME)
-        return json.loads(fs.read_text(url)) if fs.exists(url) else None
+        try:
+            return json.loads(fs.read_text(fs.join(self.status_dir(stage), CONFIG_NAME)))
+        except FileNotFoundError:
+            return None
 
     def claim_stage(self, stage: str, settings: dict[str, Any]) -> None:
         """Record the settings of ``stage``; refuse to mix outputs made with other settings."""
@@ -247,8 +339,12 @@ class Store:
         }
 
     def read_manifest(self) -> dict[str, Any]:
-        self.require()
-        m = json.loads(fs.read_text(self.manifest_url))
+        self._check_bucket()
+        try:
+            m = json.loads(fs.read_text(self.manifest_url))
+        except FileNotFoundError:
+            self.require()  # the one-line "no store at …" error
+            raise
         if m.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.manifest_url} has schema version {m.get('schema_version')}, this alphaset reads {SCHEMA_VERSION}"
@@ -259,31 +355,78 @@ class Store:
         manifest["updated"] = now_iso()
         fs.atomic_write(self.manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
 
-    def refresh_manifest(self) -> dict[str, Any]:
-        """Rebuild the manifest's shard and stage tables from the status records (drivers only)."""
-        m = self.read_manifest() if self.exists() else self._empty_manifest()
-        shards = {}
-        for shard, rec in self.completed("ingest").items():
-            shards[shard] = {
-                k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")
+    def refresh_manifest(self, background: bool = False) -> dict[str, Any] | None:
+        """Rebuild the manifest's shard and stage tables from the status records (drivers only).
+
+        Reads each stage through its status index and persists the indexes that changed; the
+        manifest is rewritten only when its tables changed. ``background=True`` starts the
+        refresh in a thread and returns at once (None), so a scheduling loop never waits on the
+        store; a later blocking call waits for it first.
+        """
+        if background:
+            with self._refresher_lock:
+                if self._refresher is None or not self._refresher.is_alive():
+                    self._refresher = threading.Thread(
+                        target=self._refresh_logged, name="manifest-refresh", daemon=True
+                    )
+                    self._refresher.start()
+            return None
+        if self._refresher is not None:
+            self._refresher.join()
+        return self._refresh()
+
+    def _refresh_logged(self) -> None:
+        try:
+            self._refresh()
+        except Exception as e:  # a background refresh retries at the next call; never fatal
+            log.warning("manifest refresh failed (the next one retries): %s", e)
+
+    def _refresh(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                m = self.read_manifest()
+            except StoreError:
+                if self.exists():
+                    raise
+                m = self._empty_manifest()
+            stages = ["ingest", *self.stages()]
+            with ThreadPoolExecutor(
+                min(8, len(stages))
+            ) as pool:  # one listing per stage, in parallel
+                indexes = dict(zip(stages, pool.map(self._index, stages), strict=True))
+            shards = {
+                shard: {
+                    k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")
+                }
+                for shard, rec in sorted(indexes.pop("ingest").records.items())
             }
-        m["shards"] = shards
-        stages = {}
-        for stage in self.stages():
-            done = self.completed(stage)
-            cfg = self.stage_config(stage) or {}
-            stages[stage] = {
-                "settings": cfg.get("settings"),
-                "tool_version": cfg.get("tool_version"),
-                "created": cfg.get("created"),
-                "shards": {
-                    s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")}
-                    for s, r in done.items()
-                },
-            }
-        m["stages"] = stages
-        self.write_manifest(m)
-        return m
+            tables: dict[str, Any] = {}
+            for stage, idx in indexes.items():
+                cfg = self.stage_config(stage) or {}
+                tables[stage] = {
+                    "settings": cfg.get("settings"),
+                    "tool_version": cfg.get("tool_version"),
+                    "created": cfg.get("created"),
+                    "shards": {
+                        s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")}
+                        for s, r in sorted(idx.records.items())
+                    },
+                }
+            if m.get("shards") != shards or m.get("stages") != tables or "updated" not in m:
+                m["shards"], m["stages"] = shards, tables
+                self.write_manifest(m)
+            for stage in stages:
+                self._save_index(stage)
+            return m
+
+
+@dataclass
+class _StageIndex:
+    """One stage's status records and the listing fingerprint each was read under."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    marks: dict[str, str] = field(default_factory=dict)
+    dirty: bool = True  # differs from the persisted index object
 
 
 def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
