@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.errors import UserError
+
 DEFAULT_PROMPT = "Describe this image and its style in a very detailed manner."
 # PixArt-α's captioning script, with the image's original alt-text inserted.
 ALT_PROMPT = 'Given the caption of this image "{}", describe this image in a very detailed manner'
@@ -43,27 +45,27 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         if not self.prompt or not self.prompt.strip():
-            raise ValueError("--prompt must not be empty")
+            raise UserError("--prompt must not be empty")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
+            raise UserError(
                 f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
             )
         if self.max_side is not None and self.max_side < 16:
-            raise ValueError(f"--max-side must be >= 16 pixels, got {self.max_side}")
+            raise UserError(f"--max-side must be >= 16 pixels, got {self.max_side}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.sort_window < 1:
-            raise ValueError(f"--sort-window must be >= 1 batch, got {self.sort_window}")
+            raise UserError(f"--sort-window must be >= 1 batch, got {self.sort_window}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.cache not in CACHES:
-            raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
+            raise UserError(f"--cache must be one of {', '.join(CACHES)}, got {self.cache!r}")
         if self.device != "auto" and not re.fullmatch(
             r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device
         ):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def user_prompt(self, alt_text: str | None) -> str:
         """The text of the user turn for one image."""
@@ -136,7 +138,7 @@ class Captioner:
         self._prompt_tokens: dict[str, int] = {}
         self.shortest_edge = _shortest_edge(getattr(processor, "image_processor", None))
         if getattr(processor, "chat_template", None) is None:
-            raise ValueError("the model's processor has no chat template (chat_template.jinja)")
+            raise UserError("the model's processor has no chat template (chat_template.jinja)")
 
     @classmethod
     def load(cls, path: str, config: CaptionConfig) -> Captioner:

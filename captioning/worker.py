@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import fs, images
+from pipeline.errors import UserError
 from pipeline.ingest.writer import error_category
 from pipeline.models import resolve
 from pipeline.store import Store
@@ -52,7 +53,7 @@ _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def check_tag(tag: str) -> str:
     if not _TAG.fullmatch(tag):
-        raise ValueError(
+        raise UserError(
             f"--tag {tag!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '_')"
         )
     return tag
@@ -83,7 +84,7 @@ class CaptionWorker:
         known = {f.name for f in fields(CaptionConfig)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown caption setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
         path, _preset = resolve(model, PRESETS, "caption")

@@ -15,6 +15,8 @@ import os
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
+
 LINEAR_LAYERS = (0, 2, 4, 6, 7)  # indices of the Linear layers inside `layers`
 HIDDEN = (1024, 128, 64, 16)
 EXPECTED_KEYS = {f"layers.{i}.{p}" for i in LINEAR_LAYERS for p in ("weight", "bias")}
@@ -53,14 +55,14 @@ def load_head(path: str, device: str | torch.device = "cpu") -> AestheticHead:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(
+        raise UserError(
             f"--aesthetic {path}: not a torch state_dict ({type(e).__name__}: {e})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint of the same MLP
     if not isinstance(state, dict) or set(state) != EXPECTED_KEYS:
         got = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
+        raise UserError(
             f"--aesthetic {path}: not the LAION aesthetic MLP (expected keys layers.{{0,2,4,6,7}}."
             f"weight/bias, got {got})"
         )
@@ -68,7 +70,7 @@ def load_head(path: str, device: str | torch.device = "cpu") -> AestheticHead:
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(
+        raise UserError(
             f"--aesthetic {path}: layer shapes differ from 1024→128→64→16→1 ({e})"
         ) from None
     return head.to(device).eval()

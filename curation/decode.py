@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import images
+from pipeline.errors import UserError
 
 SHARPNESS_SIDE = 224  # sharpness and phash use a greyscale copy with this shorter side (bicubic)
 PHASH_REDUCE = 4  # phash hashes that copy box-reduced 4x (56 px): same hash quality, 4x cheaper
@@ -52,11 +53,11 @@ class ClipInput:
 
     def __post_init__(self) -> None:
         if self.resize_mode not in ("shortest", "squash"):
-            raise ValueError(
+            raise UserError(
                 f"CLIP preprocess resize_mode {self.resize_mode!r} is not supported (shortest, squash)"
             )
         if self.interpolation not in _INTERP:
-            raise ValueError(
+            raise UserError(
                 f"CLIP preprocess interpolation {self.interpolation!r} is not supported ({', '.join(_INTERP)})"
             )
 
@@ -170,7 +171,7 @@ class DecodePool:
 
     def __init__(self, clip_input: ClipInput, processes: int, chunk: int = 8):
         if processes < 1:
-            raise ValueError(f"--decode-workers must be >= 1, got {processes}")
+            raise UserError(f"--decode-workers must be >= 1, got {processes}")
         self.clip_input = clip_input
         self.processes = processes
         self.chunk = chunk

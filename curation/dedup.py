@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,15 @@ class DedupConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.phash_threshold <= 32:
-            raise ValueError(
+            raise UserError(
                 f"--phash-threshold must be in 0..32 bits (of 64), got {self.phash_threshold}"
             )
         if not 0.0 < self.semantic_threshold <= 1.0:
-            raise ValueError(
+            raise UserError(
                 f"--semantic-threshold must be a cosine in (0, 1], got {self.semantic_threshold}"
             )
         if self.nprobe < 1 or self.phash_nprobe < 1:
-            raise ValueError(
+            raise UserError(
                 f"--nprobe and --phash-nprobe must be >= 1, got {self.nprobe}, {self.phash_nprobe}"
             )
 
@@ -425,9 +426,7 @@ def choose_tag(store: Store, tag: str | None) -> str:
             f"no scores in {store.root}; run 'alphaset score --store {store.root}' first"
         )
     if len(tags) > 1:
-        raise ValueError(
-            f"several score tags ({', '.join(tags)}); choose one with --embeddings TAG"
-        )
+        raise UserError(f"several score tags ({', '.join(tags)}); choose one with --embeddings TAG")
     return tags[0]
 
 

@@ -28,6 +28,7 @@ import torch
 
 from curation.aesthetic import save_random_head
 from curation.decode import ClipInput
+from pipeline.errors import UserError
 from pipeline.models import ModelNotFoundError, Preset, resolve
 
 CONFIG_FILE = "open_clip_config.json"
@@ -103,7 +104,7 @@ def resolve_clip(value: str) -> ClipSource:
     if ":" in value:
         name, _, pretrained = value.partition(":")
         if not name or not pretrained:
-            raise ValueError(f"--clip {value}: expected NAME:PRETRAINED, e.g. ViT-L-14:openai")
+            raise UserError(f"--clip {value}: expected NAME:PRETRAINED, e.g. ViT-L-14:openai")
         return ClipSource(value, name, pretrained, None)
     resolve(value, PRESETS, "clip", flag="--clip")  # raises the one-line 'unknown preset' error
     raise AssertionError("unreachable")
@@ -137,7 +138,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
     return torch.device(device)
 
 
@@ -183,7 +184,7 @@ def clip_input(model: torch.nn.Module) -> ClipInput:
     size = cfg.get("size", model.visual.image_size)
     if isinstance(size, (tuple, list)):
         if size[0] != size[1]:
-            raise ValueError(f"non-square CLIP input {tuple(size)} is not supported")
+            raise UserError(f"non-square CLIP input {tuple(size)} is not supported")
         size = size[0]
     return ClipInput(
         size=int(size),

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import fs, images
+from pipeline.errors import UserError
 from pipeline.store import Store
 from pipeline.views import caption_tag, joined_table
 
@@ -158,7 +159,7 @@ def plot_store(
 ) -> dict[str, Any]:
     """Write histograms and top/bottom contact sheets to ``out``; return written paths and skips."""
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise UserError(f"--n must be >= 1, got {n}")
     store.require()
     df = joined_table(store, captions=captions, scores=scores)
     fs.makedirs(out)

@@ -37,6 +37,7 @@ from curation.decode import SHARPNESS_SIDE, Decoded, DecodePool
 from curation.models import FOLDER_HEAD, default_tag, load_clip, resolve_clip
 from pipeline import fs
 from pipeline.cluster import place_workers
+from pipeline.errors import UserError
 from pipeline.ingest.writer import error_category
 from pipeline.stage import StageSpec, StageSummary, run_stage
 from pipeline.store import Store
@@ -78,7 +79,7 @@ class ScoreWorker:
         if aesthetic:
             self.head = load_head(aesthetic, self.clip.device)
             if self.head.input_size != self.clip.embed_dim:
-                raise ValueError(
+                raise UserError(
                     f"--aesthetic {aesthetic} takes {self.head.input_size}-d embeddings but CLIP "
                     f"{clip} makes {self.clip.embed_dim}-d ones (the LAION head is for ViT-L/14)"
                 )
@@ -362,15 +363,15 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.decode_workers < 0:
-            raise ValueError(
+            raise UserError(
                 f"--decode-workers must be >= 0 (0 = CPU cores - 1, at most 16), got {self.decode_workers}"
             )
         if self.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.tag is not None and (not _TAG.match(self.tag) or self.tag in RESERVED_TAGS):
-            raise ValueError(
+            raise UserError(
                 f"--tag {self.tag!r}: use letters, digits, '_', '-', '.' (and not {', '.join(RESERVED_TAGS)})"
             )
 
@@ -412,7 +413,7 @@ def score_store(
     src = resolve_clip(cfg.clip)
     tag = cfg.tag or default_tag(cfg.clip)
     if tag in RESERVED_TAGS:
-        raise ValueError(f"--tag {tag!r} is reserved; pass another --tag")
+        raise UserError(f"--tag {tag!r} is reserved; pass another --tag")
     if cfg.aesthetic is None:
         head = default_aesthetic(src.folder)
     elif cfg.aesthetic.lower() == "none":
@@ -431,7 +432,7 @@ def score_store(
     )
     unknown = sorted(set(caption_tags) - set(present))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"--captions {','.join(unknown)}: no such caption tag (present: {', '.join(present) or 'none'})"
         )
     # 3. Settings that define the output; recorded beside it and checked on resume.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ def place_workers(gpus_per_worker: float | None, address: str | None, use_ray: b
     """GPUs per stage worker: as given, else 1 when the cluster (or, without Ray, this machine)
     has a GPU, else 0. With Ray it connects first (``address``, else RAY_ADDRESS, else local)."""
     if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise ValueError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
+        raise UserError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker:g}")
     if use_ray:
         init_ray(address)
     if gpus_per_worker is not None:

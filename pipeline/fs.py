@@ -78,7 +78,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def storage_error(e: BaseException, url: str = "") -> StorageError | None:
-    """The one-line user error for a storage failure (credentials, endpoint, permission), or None
+    """The one-line user error for a storage failure (credentials, endpoint), or None
     when ``e`` is something else. Library exceptions are matched by name, so botocore and
     google-auth need not be installed."""
     if isinstance(e, StorageError):
@@ -96,8 +96,6 @@ def storage_error(e: BaseException, url: str = "") -> StorageError | None:
             f"cannot reach the object store endpoint{where}: {_first_line(e)}; check "
             "AWS_ENDPOINT_URL or --storage-options endpoint_url, and the network"
         )
-    if isinstance(e, PermissionError):
-        return StorageError(f"access denied by the object store{where}: {_first_line(e)}")
     return None
 
 
@@ -121,6 +119,10 @@ def check_bucket(url: str) -> None:
         raise StorageError(
             f"bucket {bucket!r} of {url} does not exist: create it first "
             f"(e.g. 'aws s3 mb {proto}://{bucket}'); alphaset never creates buckets"
+        ) from None
+    except PermissionError as e:
+        raise StorageError(
+            f"access denied to bucket {bucket!r} of {url}: {_first_line(e)}"
         ) from None
     except Exception as e:  # translated to one line when it is a storage failure
         err = storage_error(e, url)
@@ -238,6 +240,33 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+def sizes(url: str) -> dict[str, int]:
+    """Base name → size in bytes of every file directly in folder ``url`` (one listing call)."""
+    fsys, path = filesystem(url)
+    fsys.invalidate_cache(path)
+    try:
+        entries = fsys.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+        for e in entries
+        if e.get("type") == "file"
+    }
+
+
+def move(src: str, dst: str) -> None:
+    """Move one file (same filesystem): a rename locally, copy + delete on object stores."""
+    fsys, path = filesystem(src)
+    _, target = filesystem(dst)
+    parent = target.rsplit("/", 1)[0]
+    if isinstance(fsys, LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+        os.replace(path, target)
+        return
+    fsys.mv(path, target)
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
@@ -290,6 +319,74 @@ def atomic_open(url: str) -> Iterator[IO[bytes]]:
             fs.rm(tmp)
 
 
+def create_exclusive(url: str, data: bytes | str) -> bool:
+    """Create ``url`` holding ``data`` only if nothing is there yet; False when it exists.
+
+    The test and the write are one step where the backend allows it: a hard link of a finished
+    temp file on a local disk (so a reader never sees a half-written file), a conditional PUT
+    (``If-None-Match: *``) on S3. Other fsspec backends fall back to check-then-write, which two
+    writers racing within the same instant can both pass (see `has_conditional_create`).
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fsys, path = filesystem(url)
+    if isinstance(fsys, LocalFileSystem):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE/SMB mounts): O_EXCL, then write
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    try:
+        fsys.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError:
+        # s3fs reports a failed If-None-Match as EINVAL when the server omits the condition name.
+        fsys.invalidate_cache(path)
+        if fsys.exists(path):
+            return False
+        raise
+    return True
+
+
+def has_conditional_create(url: str) -> bool:
+    """Whether `create_exclusive` is one atomic step on ``url``'s backend (local disk, S3,
+    in-memory); elsewhere it is check-then-write."""
+    fsys, _ = filesystem(url)
+    names = {cls.__name__ for cls in type(fsys).__mro__}
+    return bool(names & {"LocalFileSystem", "S3FileSystem", "MemoryFileSystem"})
+
+
+def ls_fresh(url: str) -> list[str]:
+    """Base names in folder ``url``, bypassing any listing cache (object stores cache listings;
+    a lock must see what another process wrote a moment ago). Temp files included."""
+    fsys, path = filesystem(url)
+    fsys.invalidate_cache(path)
+    try:
+        entries = fsys.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(p.rstrip("/")) for p in entries)
+
+
 def atomic_write(url: str, data: bytes | str) -> None:
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -310,8 +407,21 @@ def write_parquet(url: str, table) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class UnreadableFile(Exception):
+    """A store file that exists but cannot be parsed (damaged): one line naming it."""
+
+
 def read_parquet(url: str, columns: list[str] | None = None):
+    """One Parquet file as a pyarrow Table; a damaged file is an `UnreadableFile` naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with open_read(url) as f:
-        return pq.read_table(f, columns=columns)
+        try:
+            return pq.read_table(f, columns=columns)
+        except pa.ArrowException as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UnreadableFile(
+                f"{url} is not a readable Parquet file ({reason}); 'alphaset manifest verify' "
+                "lists damaged files and 'alphaset manifest repair' sets them aside for a redo"
+            ) from None

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,11 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
         if self.max_retries < 0:
-            raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
+            raise UserError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.gpus_per_worker < 0:
-            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+            raise UserError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _shard_list(text: str | None) -> list[str] | None:
         return None
     names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     if not names:
-        raise ValueError(f"--shards {text!r}: no shard names (e.g. --shards 000001,000007)")
+        raise UserError(f"--shards {text!r}: no shard names (e.g. --shards 000001,000007)")
     return names
 
 
@@ -276,7 +277,7 @@ def fitting_workers(wanted: int, cpus: float, gpus: float) -> int:
     if cpus > 0:
         fit = min(fit, int(have_cpus // cpus + 1e-9))
     if fit < 1:
-        raise ValueError(
+        raise UserError(
             f"the Ray cluster has {have_cpus:g} CPU(s) and {have_gpus:g} GPU(s): not enough for one "
             f"worker with --cpus-per-worker {cpus:g} --gpus-per-worker {gpus:g}"
         )

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUS_DIR = "_status"
+QUARANTINE_DIR = "_quarantine"
 CONFIG_NAME = "config.json"
 INDEX_NAME = "_index.json.gz"
 INDEX_VERSION = 1
@@ -170,11 +171,26 @@ class Store:
     def exists(self) -> bool:
         return fs.exists(self.manifest_url)
 
+    def check_root(self) -> None:
+        """A `StoreError` naming the path when the store root is a file (or under one)."""
+        fsys, path = fs.filesystem(self.root)
+        try:
+            if fsys.exists(path) and not fsys.isdir(path):
+                raise StoreError(f"--store {self.root} is a file, not a store folder")
+        except NotADirectoryError:
+            raise StoreError(
+                f"--store {self.root}: a parent of it is a file, not a folder"
+            ) from None
+
     def create(self) -> None:
         """Create an empty store (idempotent). On an object store the bucket must exist."""
         self._check_bucket()
+        self.check_root()
         if not self.exists():
-            fs.makedirs(self.root)
+            try:
+                fs.makedirs(self.root)
+            except (FileExistsError, NotADirectoryError) as e:
+                raise StoreError(f"--store {self.root}: cannot create the folder ({e})") from None
             self.write_manifest(self._empty_manifest())
 
     def require(self) -> None:
@@ -185,8 +201,24 @@ class Store:
             )
 
     # ---- status records ----------------------------------------------------------------------
+    def output_names(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, str]:
+        """The files a status record vouches for, by their size field in the record:
+        ``{"output_bytes": "captions/tiny/000003.parquet"}``; for ingest the tar and the meta."""
+        if stage == "ingest":
+            return {
+                "image_bytes": f"images/{shard}.tar",
+                "meta_bytes": f"meta/{shard}.parquet",
+            }
+        default = f"{shard}.tar" if stage.startswith("features/") else f"{shard}.parquet"
+        return {"output_bytes": f"{stage}/{record.get('output') or default}"}
+
     def write_status(self, stage: str, shard: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Write the status record that marks ``shard`` of ``stage`` complete. Call it last."""
+        """Write the status record that marks ``shard`` of ``stage`` complete. Call it last.
+
+        The size of each output file is recorded too (``output_bytes``; ``image_bytes`` and
+        ``meta_bytes`` for ingest), so a re-run skips a done shard only when its file is there
+        with that size — a cheap check against deleted or truncated outputs.
+        """
         rec = {
             "stage": stage,
             "shard": shard,
@@ -194,23 +226,33 @@ class Store:
             "time": now_iso(),
             **record,
         }
+        for size_field, rel in self.output_names(stage, shard, rec).items():
+            if size_field not in rec and fs.exists(self.url(rel)):
+                rec[size_field] = fs.size(self.url(rel))
         fs.atomic_write(self.status_url(stage, shard), json.dumps(rec, indent=1, sort_keys=True))
         return rec
 
     def status(self, stage: str, shard: str) -> dict[str, Any] | None:
         try:
-            return json.loads(fs.read_text(self.status_url(stage, shard)))
+            return _load_record(self.status_url(stage, shard))
         except FileNotFoundError:
             return None
 
-    def completed(self, stage: str) -> dict[str, dict[str, Any]]:
+    def completed(
+        self, stage: str, problems: list[tuple[str, str]] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """All status records of a stage, by shard name: what the store holds now, read through
-        the stage's status index (a listing plus the records that changed since)."""
-        with self._lock:
-            return dict(self._index(stage).records)
+        the stage's status index (a listing plus the records that changed since).
 
-    def _index(self, stage: str) -> _StageIndex:
-        """Bring the in-memory index of ``stage`` up to date with the records (caller holds the lock)."""
+        An unreadable record is a `StoreError` naming the file (and ``manifest repair``), unless
+        ``problems`` is given: then it is listed there as ``(url, message)`` and left out.
+        """
+        with self._lock:
+            return dict(self._index(stage, problems).records)
+
+    def _index(self, stage: str, problems: list[tuple[str, str]] | None = None) -> _StageIndex:
+        """Bring the in-memory index of ``stage`` up to date with the records (caller holds the
+        lock). A record that does not parse stays out of the index (and is read again next time)."""
         folder = self.status_dir(stage)
         names = fs.listing(folder)
         idx = self._indexes.get(stage)
@@ -226,7 +268,17 @@ class Store:
             urls = {fs.join(folder, s + ".json"): s for s in changed}
             got = fs.read_many(list(urls))
             for url, data in got.items():
-                idx.records[urls[url]] = json.loads(data)
+                try:
+                    rec = _parse_record(url, data)
+                except StoreError as e:
+                    idx.records.pop(urls[url], None)
+                    idx.marks.pop(urls[url], None)
+                    idx.dirty = True
+                    if problems is None:
+                        raise
+                    problems.append((url, str(e)))
+                    continue
+                idx.records[urls[url]] = rec
                 idx.marks[urls[url]] = marks[urls[url]]
             log.debug("%s: %d status record(s) read, %d gone", stage, len(got), len(gone))
         if gone or changed:
@@ -276,10 +328,23 @@ class Store:
                     out.append(f"{kind}/{tag}")
         return out
 
+    def quarantine(self, rel: str, stamp: str) -> str:
+        """Move ``rel`` (a path inside the store) aside to ``_quarantine/<stamp>/<rel>``, where no
+        reader looks; return the new relative path. Nothing is deleted: the user decides."""
+        dst = f"{QUARANTINE_DIR}/{stamp}/{rel}"
+        fs.move(self.url(rel), self.url(dst))
+        return dst
+
+    def lease(self, name: str, **kwargs: Any):
+        """The writer lease ``name`` (``ingest`` or a ``<kind>/<tag>``) of this store."""
+        from pipeline.lease import Lease
+
+        return Lease(self.root, name, **kwargs)
+
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
         try:
-            return json.loads(fs.read_text(fs.join(self.status_dir(stage), CONFIG_NAME)))
+            return _load_record(fs.join(self.status_dir(stage), CONFIG_NAME))
         except FileNotFoundError:
             return None
 
@@ -345,6 +410,16 @@ class Store:
         except FileNotFoundError:
             self.require()  # the one-line "no store at …" error
             raise
+        except ValueError as e:
+            raise StoreError(
+                f"{self.manifest_url} is not valid JSON ({e}); rebuild it from the status records "
+                f"with 'alphaset manifest repair --store {self.root}'"
+            ) from None
+        if not isinstance(m, dict):
+            raise StoreError(
+                f"{self.manifest_url} is not a manifest (a JSON object); rebuild it with "
+                f"'alphaset manifest repair --store {self.root}'"
+            )
         if m.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.manifest_url} has schema version {m.get('schema_version')}, this alphaset reads {SCHEMA_VERSION}"
@@ -361,7 +436,9 @@ class Store:
         Reads each stage through its status index and persists the indexes that changed; the
         manifest is rewritten only when its tables changed. ``background=True`` starts the
         refresh in a thread and returns at once (None), so a scheduling loop never waits on the
-        store; a later blocking call waits for it first.
+        store; a later blocking call waits for it first. A manifest that cannot be read is rebuilt
+        from scratch: it holds nothing the status records do not (its ``created`` time is the
+        only loss).
         """
         if background:
             with self._refresher_lock:
@@ -386,8 +463,7 @@ class Store:
             try:
                 m = self.read_manifest()
             except StoreError:
-                if self.exists():
-                    raise
+                self._check_bucket()
                 m = self._empty_manifest()
             stages = ["ingest", *self.stages()]
             with ThreadPoolExecutor(
@@ -427,6 +503,25 @@ class _StageIndex:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     marks: dict[str, str] = field(default_factory=dict)
     dirty: bool = True  # differs from the persisted index object
+
+
+def _load_record(url: str) -> dict[str, Any]:
+    """A JSON record file (status record, stage config) as a dict; a `StoreError` naming the
+    file when it is not one."""
+    return _parse_record(url, fs.read_bytes(url))
+
+
+def _parse_record(url: str, text: bytes) -> dict[str, Any]:
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        rec = e
+    if not isinstance(rec, dict):
+        why = f"not valid JSON ({rec})" if isinstance(rec, ValueError) else "not a JSON object"
+        raise StoreError(
+            f"{url} is {why}; 'alphaset manifest repair' removes it so the shard is redone"
+        )
+    return rec
 
 
 def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:

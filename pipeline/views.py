@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__, fs
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError, now_iso
 
 VIEWS_DIR = "views"
@@ -196,7 +197,7 @@ def filter_table(df: pl.DataFrame, where: str) -> pl.DataFrame:
     """Rows of ``df`` where the SQL expression ``where`` is true (null counts as false)."""
     columns = ", ".join(df.columns)
     if not where or not where.strip():
-        raise ValueError(f"empty --where expression; columns: {columns}")
+        raise UserError(f"empty --where expression; columns: {columns}")
     try:
         expr = pl.sql_expr(_rewrite_minmax(where))
         return df.filter(expr)
@@ -204,12 +205,12 @@ def filter_table(df: pl.DataFrame, where: str) -> pl.DataFrame:
         m = re.search(r'column "?([^"\s;]+)"?', str(e))
         name = m.group(1) if m else ""
         hint = next((f" (made by '{v}')" for k, v in _PRODUCERS.items() if name.startswith(k)), "")
-        raise ValueError(
+        raise UserError(
             f"unknown column {name!r}{hint} in --where {where!r}; columns: {columns}"
         ) from None
     except (pl.exceptions.PolarsError, TypeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
+        raise UserError(
             f"bad --where expression {where!r} ({reason}); columns: {columns}"
         ) from None
 
@@ -221,7 +222,7 @@ def view_url(store: Store, name: str) -> str:
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name) or name.endswith(".parquet"):
-        raise ValueError(
+        raise UserError(
             f"bad view name {name!r}: use letters, digits, '_', '-', '.', not starting with '_' or '.'"
         )
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.stage import StageSpec, StageSummary, pending_shards, run_stage
 from pipeline.store import Store, check_member_name
 from sam_data.ingest import sa_key
@@ -85,7 +86,7 @@ class CaptionIndex:
 
 def check_tag(tag: str) -> None:
     if not _TAG.match(tag):
-        raise ValueError(
+        raise UserError(
             f"--tag {tag!r} must be letters, digits, '.', '_' or '-' (and not start with '_' or '.')"
         )
 
@@ -101,7 +102,7 @@ def check_caption_source(path: str) -> str:
         return "tar"
     if lower.endswith(TABLE_SUFFIXES):
         return "table"
-    raise ValueError(
+    raise UserError(
         f"captions {path}: expected a folder of sa_<id>.txt, a .tar/.tar.gz of them, "
         f"or a {'/'.join(s.lstrip('.') for s in TABLE_SUFFIXES)} table"
     )
@@ -119,7 +120,7 @@ def load_index(
     if kind == "table":
         return _load_table(path, wanted, known, id_column, caption_column)
     if id_column or caption_column:
-        raise ValueError(f"--id-column/--caption-column apply to tables, not to the {kind} {path}")
+        raise UserError(f"--id-column/--caption-column apply to tables, not to the {kind} {path}")
     index = CaptionIndex(lazy=kind == "folder")
     seen: set[str] = set()
 
@@ -178,7 +179,7 @@ def _load_table(
     try:
         names = lf.collect_schema().names()
     except Exception as e:  # polars raises several types for unreadable files
-        raise ValueError(
+        raise UserError(
             f"captions {path}: cannot read the table: {str(e).splitlines()[0]}"
         ) from None
     idc = _pick(names, id_column, ID_COLUMNS, "--id-column", path)
@@ -215,12 +216,12 @@ def _pick(
 ) -> str:
     if given:
         if given not in names:
-            raise ValueError(f"captions {path}: no column {given!r} (columns: {', '.join(names)})")
+            raise UserError(f"captions {path}: no column {given!r} (columns: {', '.join(names)})")
         return given
     for c in candidates:
         if c in names:
             return c
-    raise ValueError(
+    raise UserError(
         f"captions {path}: none of the columns {', '.join(names)} looks like {flag[2:].replace('-', ' ')}; "
         f"name it with 'alphaset sam captions … {flag} NAME'"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.errors import UserError
+
 DOWNLOAD_EPILOG = """\
 Reads: the SA-1B links file from Meta (file_name<TAB>cdn_link; rows that are not sa_NNNNNN.tar
   are ignored) and, with --md5, an md5sum-format list ('<md5>  sa_NNNNNN.tar').
@@ -102,7 +104,7 @@ def _download(args: argparse.Namespace) -> int:
 
     only = [s for s in args.only.split(",") if s.strip()] if args.only is not None else None
     if only is not None and not only:
-        raise ValueError("--only is empty; give names like sa_000000,sa_000001")
+        raise UserError("--only is empty; give names like sa_000000,sa_000001")
     summary = download(
         args.links,
         args.out,

@@ -27,6 +27,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from pipeline.errors import UserError
 from sam_data.links import parse_links, parse_md5
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,13 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         if "://" in self.out:
-            raise ValueError(f"--out must be a local folder, got {self.out}")
+            raise UserError(f"--out must be a local folder, got {self.out}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
         if self.retries < 0:
-            raise ValueError(f"--retries must be >= 0, got {self.retries}")
+            raise UserError(f"--retries must be >= 0, got {self.retries}")
         if self.backoff < 0 or self.timeout <= 0 or self.chunk_size < 1:
-            raise ValueError(
+            raise UserError(
                 f"backoff must be >= 0, timeout > 0 and chunk_size >= 1, got "
                 f"{self.backoff}, {self.timeout}, {self.chunk_size}"
             )

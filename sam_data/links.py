@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from pipeline.errors import UserError
+
 TAR_NAME = re.compile(r"^sa_\d{6}\.tar$")
 HEADER = ("file_name", "cdn_link")
 _MD5_LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")
@@ -35,13 +37,13 @@ class Links:
             if not name.endswith(".tar"):
                 name += ".tar"
             if name not in self.tars:
-                raise ValueError(
+                raise UserError(
                     f"--only {raw!r} is not an image tar of the links file "
                     f"(it lists {len(self.tars)} tars such as {next(iter(self.tars), 'none')})"
                 )
             out[name] = self.tars[name]
         if not out:
-            raise ValueError("--only selects nothing; give names like sa_000000,sa_000001")
+            raise UserError("--only selects nothing; give names like sa_000000,sa_000001")
         return dict(sorted(out.items()))
 
 
@@ -49,12 +51,12 @@ def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such {what}: {path}")
     if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a folder, expected a text file")
+        raise UserError(f"{what} {path} is a folder, expected a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read().splitlines()
     except UnicodeDecodeError:
-        raise ValueError(f"{what} {path} is not UTF-8 text") from None
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
 
 
 def parse_links(path: str) -> Links:
@@ -62,7 +64,7 @@ def parse_links(path: str) -> Links:
     lines = _read_lines(path, "links file")
     if not lines or tuple(c.strip() for c in lines[0].split("\t")) != HEADER:
         first = lines[0][:60] if lines else ""
-        raise ValueError(
+        raise UserError(
             f"{path} is not an SA-1B links file: its first line should be "
             f"'file_name<TAB>cdn_link', got {first!r}"
         )
@@ -73,7 +75,7 @@ def parse_links(path: str) -> Links:
             continue
         parts = line.strip().split("\t")
         if len(parts) != 2 or not parts[0] or not parts[1].startswith(("http://", "https://")):
-            raise ValueError(
+            raise UserError(
                 f"{path} line {n}: expected 'file_name<TAB>http(s) link', got {line[:60]!r}"
             )
         name, url = parts
@@ -81,10 +83,10 @@ def parse_links(path: str) -> Links:
             ignored.append(name)
             continue
         if name in tars and tars[name] != url:
-            raise ValueError(f"{path} line {n}: {name} is listed twice with different links")
+            raise UserError(f"{path} line {n}: {name} is listed twice with different links")
         tars[name] = url
     if not tars:
-        raise ValueError(f"{path} lists no image tars (rows named sa_NNNNNN.tar)")
+        raise UserError(f"{path} lists no image tars (rows named sa_NNNNNN.tar)")
     return Links(tars=dict(sorted(tars.items())), ignored=ignored)
 
 
@@ -96,12 +98,12 @@ def parse_md5(path: str) -> dict[str, str]:
             continue
         m = _MD5_LINE.match(line.strip())
         if not m:
-            raise ValueError(f"{path} line {n}: expected '<md5>  <file name>', got {line[:60]!r}")
+            raise UserError(f"{path} line {n}: expected '<md5>  <file name>', got {line[:60]!r}")
         name = os.path.basename(m.group(2).strip())
         md5 = m.group(1).lower()
         if out.get(name, md5) != md5:
-            raise ValueError(f"{path} line {n}: {name} is listed twice with different md5s")
+            raise UserError(f"{path} line {n}: {name} is listed twice with different md5s")
         out[name] = md5
     if not out:
-        raise ValueError(f"md5 file {path} is empty")
+        raise UserError(f"md5 file {path} is empty")
     return out

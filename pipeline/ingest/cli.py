@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from pipeline.cli import positive_int
+from pipeline.images import DEFAULT_MAX_PIXELS
 from pipeline.ingest.writer import IngestConfig, ingest
 from pipeline.store import Store
 
 EPILOG = """\
-Reads: the source.  Writes: STORE/images/NNNNNN.tar, STORE/meta/NNNNNN.parquet (+ .status.json),
-STORE/manifest.json.  Re-running on the same source adds nothing; new files go to new shards.
+Reads: the source.  Writes: STORE/images/NNNNNN.tar, STORE/meta/NNNNNN.parquet,
+STORE/_status/ingest/NNNNNN.json, STORE/manifest.json.  Re-running on the same source adds
+nothing; new files go to new shards; --retry-errors reads the error rows' sources again.
+One ingest at a time per store (a second is refused, naming the first); stage runs go on beside it.
 Example: alphaset ingest folder ./photos --store ./store --max-side 1024 --workers 4"""
 
 
@@ -18,38 +22,48 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store", required=True, help="store directory or fsspec URL (created if missing)"
     )
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument(
+        "--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)"
+    )
     p.add_argument(
         "--max-side",
-        type=int,
+        type=positive_int,
         default=None,
         help="downsize so the long side is at most PX (never upsizes)",
     )
     p.add_argument(
-        "--workers", type=int, default=1, help="parallel decode/encode processes (default 1)"
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="parallel decode/encode processes (default 1)",
     )
     p.add_argument(
-        "--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)"
+        "--quality",
+        type=positive_int,
+        default=95,
+        help="JPEG quality of re-encoded images (default 95)",
     )
     p.add_argument(
         "--max-pixels",
-        type=int,
-        default=None,
-        help="reject images above this many pixels (decompression bombs)",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"reject images above this many pixels, decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="read the sources of the store's error rows again and replace those rows",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from(args: argparse.Namespace) -> IngestConfig:
-    kw = {}
-    if args.max_pixels:
-        kw["max_pixels"] = args.max_pixels
     return IngestConfig(
         shard_size=args.shard_size,
         max_side=args.max_side,
         workers=args.workers,
         quality=args.quality,
-        **kw,
+        max_pixels=args.max_pixels,
     )
 
 
@@ -57,7 +71,13 @@ def run_ingest(args: argparse.Namespace, source: str, samples, settings: dict | 
     """Shared tail of every `ingest` subcommand: write shards, print the summary."""
     cfg = config_from(args)
     summary = ingest(
-        Store(args.store), samples, source, cfg, settings=settings, progress=not args.no_progress
+        Store(args.store),
+        samples,
+        source,
+        cfg,
+        settings=settings,
+        progress=not args.no_progress,
+        retry_errors=args.retry_errors,
     )
     print("\n".join(summary.lines()))
     return 0

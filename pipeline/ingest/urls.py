@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from urllib.parse import unquote, urlsplit
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.ingest.folder import SourceError
 from pipeline.ingest.writer import RawSample, make_key
 from pipeline.store import Store, check_member_name
@@ -54,11 +55,11 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         for name in ("processes", "threads", "timeout", "shard_size"):
             if getattr(self, name) < 1:
-                raise ValueError(
+                raise UserError(
                     f"--download-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
         if self.retries < 0:
-            raise ValueError(f"--retries must be >= 0, got {self.retries}")
+            raise UserError(f"--retries must be >= 0, got {self.retries}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import re
 import time
@@ -20,8 +21,10 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline import fs, images
+from pipeline.errors import UserError, WriteStopped
 from pipeline.store import Store, meta_table, sha256_bytes, shard_name, write_tar
 
+log = logging.getLogger(__name__)
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -68,13 +71,15 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+            raise UserError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.max_side is not None and self.max_side < 16:
-            raise ValueError(f"--max-side must be >= 16 pixels, got {self.max_side}")
+            raise UserError(f"--max-side must be >= 16 pixels, got {self.max_side}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.max_pixels < 1:
+            raise UserError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+            raise UserError(f"--quality must be in 1..100, got {self.quality}")
 
 
 @dataclass
@@ -85,6 +90,8 @@ class IngestSummary:
     errors: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     skipped_existing: int = 0
+    duplicates: int = 0  # the same key twice within the source
+    retried: int = 0  # error rows read again (--retry-errors)
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -96,6 +103,12 @@ class IngestSummary:
         ]
         if self.skipped_existing:
             out.append(f"  skipped {self.skipped_existing} already in the store")
+        if self.duplicates:
+            out.append(
+                f"  skipped {self.duplicates} duplicate key(s) within the source (same name twice)"
+            )
+        if self.retried:
+            out.append(f"  retried {self.retried} earlier error row(s) (--retry-errors)")
         if not self.added and not self.skipped_existing:
             out.append("  the source held no images")
         elif not self.added:
@@ -173,11 +186,22 @@ class _Processor:
         return process(raw, self.cfg)
 
 
-def existing_keys(store: Store) -> set[str]:
-    keys: set[str] = set()
+def _one_line(e: OSError) -> str:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror or e}"
+
+
+def key_index(store: Store) -> dict[str, str]:
+    """Every key in the store → its row status (``ok`` or ``error``), from the meta shards."""
+    out: dict[str, str] = {}
     for shard in store.shards():
-        keys.update(store.read_meta(shard, ["key"])["key"].to_pylist())
-    return keys
+        t = store.read_meta(shard, ["key", "status"])
+        out.update(zip(t["key"].to_pylist(), t["status"].to_pylist(), strict=True))
+    return out
+
+
+def existing_keys(store: Store) -> set[str]:
+    return set(key_index(store))
 
 
 def ingest(
@@ -187,50 +211,89 @@ def ingest(
     cfg: IngestConfig,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    retry_errors: bool = False,
 ) -> IngestSummary:
-    """Ingest ``samples`` into ``store``: new keys only, in new shards, each written atomically."""
+    """Ingest ``samples`` into ``store``: new keys only, in new shards, each written atomically.
+
+    Holds the store's ingest lease throughout (a second ingest is refused, naming this one), so
+    shard numbers are never taken twice. ``retry_errors``: keys stored as error rows are read
+    from the source again; the new row goes to a new shard and the old error row is dropped.
+    """
+    from pipeline.lease import INGEST
+    from pipeline.repair import clean_ingest, drop_superseded_errors
+
     start = time.perf_counter()
-    store.create()
-    done = store.shards()
-    next_index = int(done[-1]) + 1 if done else 0
-    seen = existing_keys(store)
+    store.check_root()
     summary = IngestSummary(source=source)
+    with store.lease(INGEST) as lease:
+        store.create()
+        for line in clean_ingest(store):
+            log.warning("%s", line)
+        done = store.shards()
+        next_index = int(done[-1]) + 1 if done else 0
+        stored = key_index(store)
+        retry = {k for k, st in stored.items() if st != "ok"} if retry_errors else set()
+        seen: set[str] = set()
 
-    def fresh() -> Iterator[RawSample]:
-        for s in samples:
-            if s.key in seen:
-                summary.skipped_existing += 1
-                continue
-            seen.add(s.key)  # the same key twice in one source is ingested once
-            yield s
+        def fresh() -> Iterator[RawSample]:
+            for s in samples:
+                if s.key in seen:  # the same key twice in one source is ingested once
+                    summary.duplicates += 1
+                    continue
+                seen.add(s.key)
+                if s.key in stored and s.key not in retry:
+                    summary.skipped_existing += 1
+                    continue
+                if s.key in retry:
+                    summary.retried += 1
+                yield s
 
-    bar = tqdm(desc=f"ingest {source}", unit="img", disable=not progress, smoothing=0.05)
-    pool = None
-    try:
-        if cfg.workers > 1:
-            ctx = (
-                mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            )
-            pool = ctx.Pool(cfg.workers)
-            results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
-        else:
-            results = map(_Processor(cfg), fresh())
-        batch: list[tuple[dict, dict | None]] = []
-        for item in results:
-            batch.append(item)
-            bar.update(1)
-            if len(batch) >= cfg.shard_size:
+        bar = tqdm(desc=f"ingest {source}", unit="img", disable=not progress, smoothing=0.05)
+        pool = None
+        try:
+            if cfg.workers > 1:
+                ctx = (
+                    mp.get_context("fork")
+                    if "fork" in mp.get_all_start_methods()
+                    else mp.get_context()
+                )
+                pool = ctx.Pool(cfg.workers)
+                results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
+            else:
+                results = map(_Processor(cfg), fresh())
+            batch: list[tuple[dict, dict | None]] = []
+            for item in results:
+                batch.append(item)
+                bar.update(1)
+                if len(batch) >= cfg.shard_size:
+                    lease.check()
+                    _write_shard(
+                        store, shard_name(next_index), batch, source, cfg, settings, summary
+                    )
+                    next_index += 1
+                    batch = []
+            if batch:
+                lease.check()
                 _write_shard(store, shard_name(next_index), batch, source, cfg, settings, summary)
-                next_index += 1
-                batch = []
-        if batch:
-            _write_shard(store, shard_name(next_index), batch, source, cfg, settings, summary)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-        store.refresh_manifest()
+            if summary.retried:
+                drop_superseded_errors(store)
+        except OSError as e:
+            summary.seconds = time.perf_counter() - start
+            raise WriteStopped(
+                f"writing to {store.root} failed ({_one_line(e)}); the {len(summary.shards)} "
+                "shard(s) written are kept; fix the cause and re-run the same command to add the rest",
+                summary,
+                e.errno,
+            ) from e
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            try:
+                store.refresh_manifest()
+            except OSError as e:  # disk full: the records are safe, the manifest is derived
+                log.warning("manifest.json not updated (%s); any later run rebuilds it", e)
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -65,7 +65,7 @@ def test_bad_flag_value_is_one_line(photos_dir, tmp_path, capsys):
         )
         == 2
     )
-    assert "--shard-size must be >= 1" in capsys.readouterr().err
+    assert "argument --shard-size: must be > 0, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", [1, 2])
