@@ -124,6 +124,10 @@ def check_bucket(url: str) -> None:
         raise StorageError(
             f"access denied to bucket {bucket!r} of {url}: {_first_line(e)}"
         ) from None
+    except TypeError as e:  # an option the filesystem does not take, found at its first request
+        raise StorageError(
+            f"--storage-options / {STORAGE_OPTIONS_ENV}: not accepted by {type(fsys).__name__}: {e}"
+        ) from None
     except Exception as e:  # translated to one line when it is a storage failure
         err = storage_error(e, url)
         if err is None:

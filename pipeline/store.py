@@ -173,6 +173,7 @@ class Store:
 
     def check_root(self) -> None:
         """A `StoreError` naming the path when the store root is a file (or under one)."""
+        self._check_bucket()  # an object store's bucket must exist: never created by accident
         fsys, path = fs.filesystem(self.root)
         try:
             if fsys.exists(path) and not fsys.isdir(path):
@@ -184,7 +185,6 @@ class Store:
 
     def create(self) -> None:
         """Create an empty store (idempotent). On an object store the bucket must exist."""
-        self._check_bucket()
         self.check_root()
         if not self.exists():
             try:
@@ -339,6 +339,7 @@ class Store:
         """The writer lease ``name`` (``ingest`` or a ``<kind>/<tag>``) of this store."""
         from pipeline.lease import Lease
 
+        self._check_bucket()
         return Lease(self.root, name, **kwargs)
 
     # ---- stage config (resolved settings written beside the output) -------------------------
