@@ -60,11 +60,11 @@ def ranges(shards: list[str]) -> str:
 def show(store: Store) -> dict[str, Any]:
     """Shards, rows, and which stages are done on which shards."""
     manifest = store.read_manifest()
-    ingest = store.completed("ingest")
+    records = store.completed_all()
+    ingest = records.pop("ingest")
     shards = sorted(ingest)
     stages = {}
-    for stage in store.stages():
-        done = store.completed(stage)
+    for stage, done in records.items():
         stages[stage] = {
             "done": len([s for s in done if s in ingest]),
             "of": len(shards),

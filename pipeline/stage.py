@@ -139,9 +139,11 @@ class _Host:
         return os.getpid()
 
 
-def pending_shards(store: Store, spec: StageSpec) -> tuple[list[str], list[str]]:
-    """(to do, already done) for a stage."""
-    ingested = store.shards()
+def pending_shards(
+    store: Store, spec: StageSpec, ingested: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(to do, already done) for a stage (``ingested``: the store's shards, if already read)."""
+    ingested = store.shards() if ingested is None else ingested
     wanted = spec.shards if spec.shards is not None else ingested
     missing = sorted(set(wanted) - set(ingested))
     if missing:
@@ -157,9 +159,9 @@ def run_stage(
     start = time.perf_counter()
     store.require()
     store.claim_stage(spec.stage, spec.settings)
-    todo, done = pending_shards(store, spec)
-    summary = StageSummary(stage=spec.stage, skipped=done)
     ingest = store.completed("ingest")
+    todo, done = pending_shards(store, spec, sorted(ingest))
+    summary = StageSummary(stage=spec.stage, skipped=done)
     total_rows = sum(ingest[s].get("ok", 0) for s in todo)
     bar = tqdm(total=total_rows, desc=spec.stage, unit="row", disable=not progress, smoothing=0.1)
 
@@ -177,7 +179,9 @@ def run_stage(
                 _run_local(spec, todo, summary, finished)
     finally:
         bar.close()
-        store.refresh_manifest()
+        # Only this stage's records can have changed: list it again (it was listed just above
+        # if nothing ran); the other stages keep their manifest entries.
+        store.refresh_manifest(stages=[spec.stage] if todo else [])
     summary.seconds = time.perf_counter() - start
     return summary
 

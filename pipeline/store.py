@@ -57,6 +57,9 @@ CONFIG_NAME = "config.json"
 INDEX_NAME = "_index.json.gz"
 INDEX_VERSION = 1
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
+# What manifest.json keeps of each status record.
+_MANIFEST_INGEST_FIELDS = ("rows", "ok", "errors", "source", "checksum", "time")
+_MANIFEST_STAGE_FIELDS = ("rows", "ok", "errors", "checksum", "time")
 STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
 
 # One schema for every meta shard, whatever the source, so a folder of shards reads as one table.
@@ -250,6 +253,14 @@ class Store:
         with self._lock:
             return dict(self._index(stage, problems).records)
 
+    def completed_all(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """`completed` of ``ingest`` and of every stage, the listings run concurrently (on S3 a
+        listing is a round trip per 1,000 records; nine stages need not wait for each other)."""
+        stages = ["ingest", *self.stages()]
+        with self._lock, ThreadPoolExecutor(min(8, len(stages))) as pool:
+            indexes = list(pool.map(self._index, stages))
+            return {stage: dict(idx.records) for stage, idx in zip(stages, indexes, strict=True)}
+
     def _index(self, stage: str, problems: list[tuple[str, str]] | None = None) -> _StageIndex:
         """Bring the in-memory index of ``stage`` up to date with the records (caller holds the
         lock). A record that does not parse stays out of the index (and is read again next time)."""
@@ -431,11 +442,16 @@ class Store:
         manifest["updated"] = now_iso()
         fs.atomic_write(self.manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
 
-    def refresh_manifest(self, background: bool = False) -> dict[str, Any] | None:
+    def refresh_manifest(
+        self, stages: list[str] | None = None, background: bool = False
+    ) -> dict[str, Any] | None:
         """Rebuild the manifest's shard and stage tables from the status records (drivers only).
 
         Reads each stage through its status index and persists the indexes that changed; the
-        manifest is rewritten only when its tables changed. ``background=True`` starts the
+        manifest is rewritten only when its tables changed. ``stages`` limits the listing to the
+        stages a run could have changed (``["captions/tiny"]``; ``"ingest"`` for the shard table):
+        the others keep what this Store read of them during the run, else the manifest's entry.
+        None (the default) re-reads every stage. ``background=True`` starts the
         refresh in a thread and returns at once (None), so a scheduling loop never waits on the
         store; a later blocking call waits for it first. A manifest that cannot be read is rebuilt
         from scratch: it holds nothing the status records do not (its ``created`` time is the
@@ -445,54 +461,66 @@ class Store:
             with self._refresher_lock:
                 if self._refresher is None or not self._refresher.is_alive():
                     self._refresher = threading.Thread(
-                        target=self._refresh_logged, name="manifest-refresh", daemon=True
+                        target=self._refresh_logged,
+                        args=(stages,),
+                        name="manifest-refresh",
+                        daemon=True,
                     )
                     self._refresher.start()
             return None
         if self._refresher is not None:
             self._refresher.join()
-        return self._refresh()
+        return self._refresh(stages)
 
-    def _refresh_logged(self) -> None:
+    def _refresh_logged(self, stages: list[str] | None) -> None:
         try:
-            self._refresh()
+            self._refresh(stages)
         except Exception as e:  # a background refresh retries at the next call; never fatal
             log.warning("manifest refresh failed (the next one retries): %s", e)
 
-    def _refresh(self) -> dict[str, Any]:
+    def _refresh(self, only: list[str] | None = None) -> dict[str, Any]:
         with self._lock:
             try:
                 m = self.read_manifest()
             except StoreError:
                 self._check_bucket()
                 m = self._empty_manifest()
-            stages = ["ingest", *self.stages()]
-            with ThreadPoolExecutor(
-                min(8, len(stages))
-            ) as pool:  # one listing per stage, in parallel
-                indexes = dict(zip(stages, pool.map(self._index, stages), strict=True))
-            shards = {
-                shard: {
-                    k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")
+            present = self.stages()
+            if only is None:
+                relist = ["ingest", *present]
+            else:
+                relist = [s for s in ("ingest", *present) if s in only]
+            if relist:
+                with ThreadPoolExecutor(min(8, len(relist))) as pool:  # listings in parallel
+                    list(pool.map(self._index, relist))
+            if "ingest" in self._indexes:
+                shards = {
+                    s: {k: r.get(k) for k in _MANIFEST_INGEST_FIELDS}
+                    for s, r in sorted(self._indexes["ingest"].records.items())
                 }
-                for shard, rec in sorted(indexes.pop("ingest").records.items())
-            }
+            else:
+                shards = m.get("shards", {})
             tables: dict[str, Any] = {}
-            for stage, idx in indexes.items():
+            for stage in present:
+                if stage not in self._indexes:
+                    if stage in m.get("stages", {}):
+                        tables[stage] = m["stages"][stage]
+                        continue
+                    self._index(stage)  # new since the manifest was written
                 cfg = self.stage_config(stage) or {}
                 tables[stage] = {
                     "settings": cfg.get("settings"),
                     "tool_version": cfg.get("tool_version"),
                     "created": cfg.get("created"),
                     "shards": {
-                        s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")}
-                        for s, r in sorted(idx.records.items())
+                        s: {k: r.get(k) for k in _MANIFEST_STAGE_FIELDS}
+                        for s, r in sorted(self._indexes[stage].records.items())
                     },
                 }
             if m.get("shards") != shards or m.get("stages") != tables or "updated" not in m:
                 m["shards"], m["stages"] = shards, tables
                 self.write_manifest(m)
-            for stage in stages:
+            for stage in list(self._indexes):
                 self._save_index(stage)
             return m
 
