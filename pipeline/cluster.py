@@ -5,10 +5,82 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_RAY_TIMEOUT = 30.0
+_timeout = DEFAULT_RAY_TIMEOUT
+
+
+def set_ray_timeout(seconds: float) -> None:
+    """Seconds `init_ray` waits for a cluster to answer (``--ray-timeout``)."""
+    global _timeout
+    if not seconds > 0:
+        raise UserError(f"--ray-timeout must be > 0 seconds, got {seconds:g}")
+    _timeout = float(seconds)
+
+
+def connect_ray(address: str, timeout: float | None = None) -> None:
+    """``ray.init(address=…)`` that fails with one line instead of hanging or printing pages.
+
+    Ray retries an unreachable address for minutes (with C++ warnings) and rejects an
+    ``http://`` address with a multi-line message. So the address is checked first (an HTTP URL
+    is the dashboard / job-submission address, not the cluster's), the host:port is probed with
+    a TCP connect, and ``ray.init`` itself must return within ``timeout`` seconds.
+    """
+    import ray
+
+    timeout = _timeout if timeout is None else timeout
+    where = "--ray-address/RAY_ADDRESS"
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"{where} {address} is an HTTP (dashboard/job submission) address; stage commands "
+            "attach to the cluster's GCS address, e.g. <head-node-ip>:6379 (or use "
+            "'ray job submit', which sets RAY_ADDRESS for the job)"
+        )
+    if address != "auto":
+        hostport = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(
+                f"{where} {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379) or 'auto'"
+            )
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            why = (
+                f"no answer within {timeout:g} s, --ray-timeout"
+                if isinstance(e, TimeoutError)
+                else (e.strerror or str(e)).lower()
+            )
+            raise UserError(
+                f"cannot reach the Ray cluster at {address} ({why}); start it with 'ray start --head', fix the address, or unset "
+                "RAY_ADDRESS to use an embedded local Ray"
+            ) from None
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except BaseException as e:  # handed to the caller below
+            failure.append(e)
+
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise UserError(
+            f"the Ray cluster at {address} did not answer within {timeout:g} s (--ray-timeout); "
+            "is it a Ray GCS address (port 6379 by default)?"
+        )
+    if failure:
+        e = failure[0]
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot attach to the Ray cluster at {address}: {text}") from None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -20,7 +92,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        connect_ray(address)
         return
     log.info("starting an embedded local Ray")
     ray.init(

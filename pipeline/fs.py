@@ -16,6 +16,7 @@ what this process listed a minute ago.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import os
@@ -169,14 +170,62 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+class ListingSnapshot:
+    """Within ``with snapshot:`` (this thread only), each folder is listed once and the listing
+    shared by `ls`, `listing`, `sizes` and `ls_fresh`, until something is written into the folder
+    through this module. For a start-up phase that reads the same folders several times (a stage
+    run under its lease: clean-up, settings, done shards); leave it before workers run. A
+    snapshot can be entered again later, keeping its listings."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self) -> ListingSnapshot:
+        self._tokens.append(_SNAPSHOT.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _SNAPSHOT.reset(self._tokens.pop())
+
+
+_SNAPSHOT: contextvars.ContextVar[ListingSnapshot | None] = contextvars.ContextVar(
+    "alphaset_listing_snapshot", default=None
+)
+
+
+def _folder_key(fsys: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    return type(fsys).__name__, path.rstrip("/")
+
+
+def _entries(url: str) -> list[dict[str, Any]]:
+    """fsspec's detailed listing of folder ``url`` (empty when missing), from the current
+    `ListingSnapshot` when there is one."""
+    fsys, path = filesystem(url)
+    snap = _SNAPSHOT.get()
+    key = _folder_key(fsys, path)
+    if snap is not None and key in snap.entries:
+        return snap.entries[key]
+    fsys.invalidate_cache(path)
+    try:
+        entries = fsys.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    if snap is not None:
+        snap.entries[key] = entries
+    return entries
+
+
+def _written(fsys: fsspec.AbstractFileSystem, path: str) -> None:
+    """Forget the snapshot listing of the folder that holds ``path`` (it changed)."""
+    snap = _SNAPSHOT.get()
+    if snap is not None:
+        snap.entries.pop(_folder_key(fsys, path.rstrip("/").rsplit("/", 1)[0]), None)
+
+
 def ls(url: str, suffix: str = "") -> list[str]:
     """Sorted base names in folder ``url`` ending with ``suffix`` (empty list if it is missing)."""
-    fs, path = filesystem(url)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
-    names = [os.path.basename(p.rstrip("/")) for p in entries]
+    names = [os.path.basename(e["name"].rstrip("/")) for e in _entries(url)]
     return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
 
@@ -185,13 +234,8 @@ def listing(url: str) -> dict[str, str]:
     listing (one request per 1,000 names on S3). A fingerprint changes whenever the file is
     rewritten (ETag/generation, size, modification time), so comparing two listings tells which
     files to re-read without reading any."""
-    fs, path = filesystem(url)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
     out = {}
-    for e in entries:
+    for e in _entries(url):
         if e.get("type") == "directory":
             continue
         name = os.path.basename(e["name"].rstrip("/"))
@@ -246,15 +290,9 @@ def size(url: str) -> int:
 
 def sizes(url: str) -> dict[str, int]:
     """Base name → size in bytes of every file directly in folder ``url`` (one listing call)."""
-    fsys, path = filesystem(url)
-    fsys.invalidate_cache(path)
-    try:
-        entries = fsys.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
     return {
         os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
-        for e in entries
+        for e in _entries(url)
         if e.get("type") == "file"
     }
 
@@ -264,6 +302,8 @@ def move(src: str, dst: str) -> None:
     fsys, path = filesystem(src)
     _, target = filesystem(dst)
     parent = target.rsplit("/", 1)[0]
+    _written(fsys, path)
+    _written(fsys, target)
     if isinstance(fsys, LocalFileSystem):
         os.makedirs(parent, exist_ok=True)
         os.replace(path, target)
@@ -273,6 +313,7 @@ def move(src: str, dst: str) -> None:
 
 def remove(url: str) -> None:
     fs, path = filesystem(url)
+    _written(fs, path)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -286,6 +327,7 @@ def open_read(url: str) -> IO[bytes]:
 def atomic_open(url: str) -> Iterator[IO[bytes]]:
     """Open ``url`` for binary writing; the file appears under its name only if the block succeeds."""
     fs, path = filesystem(url)
+    _written(fs, path)
     if isinstance(fs, LocalFileSystem):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
@@ -334,6 +376,7 @@ def create_exclusive(url: str, data: bytes | str) -> bool:
     if isinstance(data, str):
         data = data.encode("utf-8")
     fsys, path = filesystem(url)
+    _written(fsys, path)
     if isinstance(fsys, LocalFileSystem):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
@@ -381,14 +424,9 @@ def has_conditional_create(url: str) -> bool:
 
 def ls_fresh(url: str) -> list[str]:
     """Base names in folder ``url``, bypassing any listing cache (object stores cache listings;
-    a lock must see what another process wrote a moment ago). Temp files included."""
-    fsys, path = filesystem(url)
-    fsys.invalidate_cache(path)
-    try:
-        entries = fsys.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(os.path.basename(p.rstrip("/")) for p in entries)
+    a lock must see what another process wrote a moment ago). Temp files included. Inside a
+    `ListingSnapshot` the snapshot's listing is used: it is as fresh as the phase it covers."""
+    return sorted(os.path.basename(e["name"].rstrip("/")) for e in _entries(url))
 
 
 def atomic_write(url: str, data: bytes | str) -> None:

@@ -5,7 +5,8 @@ Ingest takes the store-level lease ``ingest`` (it picks shard numbers, so two in
 would write the same shard); a stage run takes the lease of its own ``<kind>/<tag>``, so
 different stages and tags run side by side; ``manifest repair`` takes all of them. A second
 writer of the same part is refused with one line naming the holder. A holder that died is taken
-over once its lease expires (``ttl``, renewed every ``ttl / 4`` by a background thread).
+over once its lease expires (``ttl``, renewed every ``ttl / 4`` by a background thread), or at
+once when it ran on this host and its process is gone.
 
 How it stays correct without a lock server: a lease is a sequence of generation files
 ``STORE/_locks/<name>/<gen>.json``; the highest generation is the current one. Taking the lease
@@ -62,6 +63,22 @@ def default_owner() -> str:
     words = [os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]]
     text = " ".join(words)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _dead_here(rec: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed, crashed): its lease is taken
+    over at once instead of after the expiry, so re-running a killed command just works."""
+    if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
+        return False
+    if rec["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(rec["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -126,7 +143,7 @@ class Lease:
         rec = self._read(gens[-1])
         if rec is None or rec.get("released") or float(rec.get("expires", 0)) <= time.time():
             return None
-        return rec
+        return None if _dead_here(rec) else rec
 
     def acquire(self) -> Lease:
         if not fs.has_conditional_create(self.folder):
@@ -146,6 +163,7 @@ class Lease:
                     rec is not None
                     and not rec.get("released")
                     and float(rec.get("expires", 0)) > time.time()
+                    and not _dead_here(rec)
                 )
                 if live:
                     raise LeaseHeld(self._refusal(rec))  # type: ignore[arg-type]

@@ -400,26 +400,34 @@ def _check_counts(
 
 
 def verify(store: Store, decode: bool = False) -> dict[str, Any]:
-    """Re-read every shard and table of ``store``; return the report (``ok``, problems, warnings)."""
+    """Re-read every shard and table of ``store``; return the report (``ok``, problems, warnings).
+
+    Never stops at the first problem: an unreadable manifest or status record is a problem row
+    naming the file, like any other. Keys are checked once across the whole store (a key in two
+    shards is a problem, also when one of them is a meta file without a status record). A stage
+    made from a view (``features --view``) is compared with that view's keys.
+    """
     report = VerifyReport()
+    store.require()
+    manifest: dict[str, Any] = {}
     try:
         manifest = store.read_manifest()
-    except (StoreError, ValueError) as e:
-        raise StoreError(str(e)) from None
-    ingest = store.completed("ingest")
+    except StoreError as e:
+        report.problem("manifest.json", str(e).split(f"{store.manifest_url} ", 1)[-1])
+    ingest = _records(store, "ingest", report)
     ok_keys: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
     for shard, rec in sorted(ingest.items()):
         ok_keys[shard] = _verify_ingest_shard(store, shard, rec, report, decode, seen)
-    if sorted(manifest.get("shards", {})) != sorted(ingest):
+    if manifest and sorted(manifest.get("shards", {})) != sorted(ingest):
         report.warning(
             "manifest.json",
             "lists other shards than the status records (stale; any stage run or ingest refreshes it)",
         )
     _orphans(store, "images", ".tar", ingest, report)
-    _orphans(store, "meta", ".parquet", ingest, report)
+    _orphans(store, "meta", ".parquet", ingest, report, seen)
     for stage in store.stages():
-        done = store.completed(stage)
+        done = _records(store, stage, report)
         report.checked["stages"] += 1
         listed = set(manifest.get("stages", {}).get(stage, {}).get("shards", {}))
         if listed - set(done):
@@ -428,10 +436,47 @@ def verify(store: Store, decode: bool = False) -> dict[str, Any]:
                 f"lists {stage} shard(s) {ranges(sorted(listed - set(done)))} as done but their "
                 "status records are missing (the next run of that stage redoes them)",
             )
+        expected = _stage_expected(store, stage, ok_keys, report)
         for shard, rec in sorted(done.items()):
-            _verify_stage_shard(store, stage, shard, rec, ok_keys, report)
+            _verify_stage_shard(store, stage, shard, rec, expected, report, ok_keys)
         _orphans(store, stage, None, done, report)
     return report.to_dict()
+
+
+def _records(store: Store, stage: str, report: VerifyReport) -> dict[str, dict[str, Any]]:
+    """The readable status records of ``stage``; each unreadable one is a problem."""
+    problems: list[tuple[str, str]] = []
+    records = store.completed(stage, problems=problems)
+    for url, message in problems:
+        rel = url[len(store.root) + 1 :] if url.startswith(store.root + "/") else url
+        report.problem(rel, message.split(f"{url} ", 1)[-1])
+    return records
+
+
+def _stage_expected(
+    store: Store, stage: str, ok_keys: dict[str, list[str]], report: VerifyReport
+) -> tuple[dict[str, list[str]], str]:
+    """The keys each shard of ``stage`` must hold, and what they are: the ok keys of the image
+    shard, or — for a stage made from a view (its settings name one) — the view's keys."""
+    try:
+        cfg = store.stage_config(stage) or {}
+    except StoreError as e:
+        report.problem(f"{STATUS_DIR}/{stage}/config.json", str(e).split(" is ", 1)[-1])
+        cfg = {}
+    view = (cfg.get("settings") or {}).get("view")
+    if not view:
+        return ok_keys, "the ok keys of images/{shard}.tar"
+    from pipeline.views import view_keys
+
+    try:
+        by_shard = view_keys(store, view)
+    except (StoreError, OSError, ValueError) as e:
+        report.problem(f"views/{view}.parquet", f"view of {stage} unreadable: {e}")
+        return {}, f"view {view}"
+    keep = {s: set(keys) for s, keys in by_shard.items()}
+    # in image-shard order (a view lists keys in shard order, then ingest order)
+    expected = {s: [k for k in keys if k in keep.get(s, ())] for s, keys in ok_keys.items()}
+    return expected, f"the keys of view {view} in shard {{shard}}"
 
 
 def _verify_ingest_shard(
@@ -480,8 +525,9 @@ def _verify_stage_shard(
     stage: str,
     shard: str,
     rec: dict[str, Any],
-    ok_keys: dict[str, list[str]],
+    expected: tuple[dict[str, list[str]], str],
     report: VerifyReport,
+    ok_keys: dict[str, list[str]],
 ) -> None:
     output = rec.get("output") or (
         f"{shard}.tar" if stage.startswith("features/") else f"{shard}.parquet"
@@ -494,7 +540,8 @@ def _verify_stage_shard(
     if not fs.exists(store.url(rel)):
         report.problem(rel, "missing (its status record exists)")
         return
-    against = f"the ok keys of images/{shard}.tar"
+    keys_by_shard, what = expected
+    against = what.format(shard=shard)
     if output.endswith(".tar"):
         got = _read_tar(store, rel, report, decode=False, images_expected=False)
         if got is None:
@@ -515,27 +562,59 @@ def _verify_stage_shard(
         if errors is None:
             report.problem(rel, "no error column (the stage contract requires one)")
     _check_checksum(report, rel, rec, "checksum", checksum)
-    _compare_keys(report, rel, keys, ok_keys[shard], against)
+    if rec.get("output_bytes") is not None and int(rec["output_bytes"]) != fs.size(store.url(rel)):
+        report.problem(
+            rel, f"size {fs.size(store.url(rel))} but the status record says {rec['output_bytes']}"
+        )
+    _compare_keys(report, rel, keys, keys_by_shard.get(shard, []), against)
 
 
 def _orphans(
-    store: Store, folder: str, suffix: str | None, done: dict[str, Any], report: VerifyReport
+    store: Store,
+    folder: str,
+    suffix: str | None,
+    done: dict[str, Any],
+    report: VerifyReport,
+    seen: dict[str, str] | None = None,
 ) -> None:
-    """Warn about shard files in ``folder`` with no status record, and leftover temp files."""
+    """Warn about shard files in ``folder`` with no status record (a problem when a meta file's
+    keys are also in an ingested shard: readers of the folder see them twice), and about
+    leftover temp files."""
     for name in fs.ls(store.url(folder)):
         if name.startswith(("_", ".")):
             continue
         if suffix is not None and not name.endswith(suffix):
             report.warning(f"{folder}/{name}", "unexpected file")
-        elif name.split(".", 1)[0] not in done:
+            continue
+        if name.split(".", 1)[0] in done:
+            continue
+        rel = f"{folder}/{name}"
+        dups = _orphan_duplicates(store, rel, seen) if seen is not None else []
+        if dups:
+            report.problem(
+                rel,
+                f"no status record, and {len(dups)} of its keys are also in ingested shards "
+                f"(e.g. {dups[0]} in shard {seen[dups[0]]}); 'manifest repair' moves it aside",
+            )
+        else:
             report.warning(
-                f"{folder}/{name}",
-                "no status record (an interrupted run? re-run the stage to redo it)",
+                rel, "no status record (an interrupted run? 'manifest repair' moves it aside)"
             )
     status = f"{STATUS_DIR}/ingest" if folder in ("meta", "images") else f"{STATUS_DIR}/{folder}"
     for sub in (folder, status):
         for name in _temp_files(store.url(sub)):
-            report.warning(f"{sub}/{name}", "temporary file left by an interrupted write")
+            report.warning(
+                f"{sub}/{name}",
+                "temporary file left by an interrupted write (the next run or 'manifest repair' deletes it)",
+            )
+
+
+def _orphan_duplicates(store: Store, rel: str, seen: dict[str, str]) -> list[str]:
+    try:
+        keys = pq.read_table(io.BytesIO(fs.read_bytes(store.url(rel))), columns=["key"])
+    except Exception:  # an unreadable orphan duplicates nothing a reader would see
+        return []
+    return [k for k in keys["key"].to_pylist() if k in seen]
 
 
 def _temp_files(url: str) -> list[str]:

@@ -18,9 +18,18 @@ Reads: STORE/meta/*.parquet, every scores/<tag> and captions/<tag> table, status
 Writes: nothing.
 Example: alphaset manifest stats --store ./store --json > stats.json"""
 VERIFY_EPILOG = """\
-Reads: every file of the store (images, meta, every stage output, status records).
-Writes: nothing.  Exits 1 when it finds a problem (files without a status record are warnings).
+Reads: every file of the store (images, meta, every stage output, status records, views).
+Writes: nothing.  Exits 1 when it finds a problem (files without a status record are warnings);
+every problem names its file.  'alphaset manifest repair' fixes what can be fixed.
 Example: alphaset manifest verify --store ./store --decode"""
+REPAIR_EPILOG = """\
+Reads: every status record and the files they vouch for (checksums), manifest.json.
+Writes: STORE/manifest.json (rebuilt from the status records); moves aside to STORE/_quarantine/<time>/
+shard files without a status record, unreadable status records, and the records and files of shards
+that fail their checksum (so the next run of that stage, or ingest from its source, redoes them);
+deletes temp files of interrupted writes. Takes every writer lease first (refused while a writer runs).
+Prints what it did.  Nothing is deleted that a reader could use: _quarantine/ is yours to inspect.
+Example: alphaset manifest repair --store ./store && alphaset manifest verify --store ./store"""
 PLOT_EPILOG = """\
 Reads: meta, scores/<tag>, captions/<tag>, images/*.tar (contact sheets).
 Writes: DIR/*.png (histograms, top/bottom contact sheets).
@@ -68,6 +77,23 @@ def _verify(args: argparse.Namespace) -> int:
     info = manifest.verify(Store(args.store), decode=args.decode)
     _print(args, info, manifest.verify_lines)
     return 0 if info["ok"] else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from pipeline.repair import repair
+
+    info = repair(Store(args.store))
+    if args.json:
+        print(manifest.dumps(info))
+        return 0
+    for line in info["actions"]:
+        print(f"repair: {line}")
+    moved = sum(" to _quarantine/" in a or "quarantine" in a for a in info["actions"])
+    print(
+        f"repair: done, {len(info['actions']) - 1} fix(es)"
+        + (f"; moved files are under {args.store}/{info['quarantine']}" if moved else "")
+    )
+    return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -163,7 +189,7 @@ def _view_drop(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "manifest",
-        help="inspect, check, plot and slice a store (show, stats, verify, plot, view)",
+        help="inspect, check, repair, plot and slice a store (show, stats, verify, repair, plot, view)",
         description="Inspect, check, plot and slice a store.",
         epilog="Example: alphaset manifest show --store ./store",
         formatter_class=_FMT,
@@ -187,6 +213,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         _verify,
     )
     s.add_argument("--decode", action="store_true", help="also decode every image (slow)")
+    _action(
+        cmds,
+        "repair",
+        "rebuild manifest.json, set aside orphans and damaged shards for a redo",
+        REPAIR_EPILOG,
+        _repair,
+    )
     s = _action(cmds, "plot", "PNG histograms and top/bottom contact sheets", PLOT_EPILOG, _plot)
     s.add_argument("--out", required=True, help="folder (or fsspec URL) for the PNG files")
     s.add_argument(

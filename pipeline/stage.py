@@ -10,6 +10,7 @@ current. The same worker runs without Ray (``use_ray=False``) for debugging and 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline import fs
+from pipeline.cluster import DEFAULT_RAY_TIMEOUT, set_ray_timeout
 from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
@@ -26,34 +29,54 @@ log = logging.getLogger(__name__)
 
 
 def add_stage_flags(p: argparse.ArgumentParser, worker: str = "model actors") -> None:
-    """The placement flags every shard stage takes (caption, score, features); read them back
-    with `stage_args`."""
+    """The placement and re-run flags every shard stage takes (caption, score, features); read
+    them back with `stage_args`. Bad values are rejected at parse time, before anything runs."""
+    from pipeline.cli import nonnegative_float, nonnegative_int, positive_float, positive_int
+
     p.add_argument(
-        "--workers", type=int, default=1, help=f"{worker}, one model copy each (default 1)"
+        "--workers", type=positive_int, default=1, help=f"{worker}, one model copy each (default 1)"
     )
     p.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=nonnegative_float,
         default=None,
         help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)",
     )
     p.add_argument(
         "--cpus-per-worker",
-        type=float,
+        type=nonnegative_float,
         default=1.0,
         help="CPUs Ray reserves per worker (default 1)",
     )
     p.add_argument(
         "--max-retries",
-        type=int,
+        type=nonnegative_int,
         default=2,
         help="retries of a shard whose worker died or failed (default 2)",
     )
-    p.add_argument("--shards", default=None, help="comma-separated shard names (default: all)")
+    p.add_argument(
+        "--shards", type=_shard_arg, default=None, help="comma-separated shard names (default: all)"
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="redo done shards that have error rows (e.g. after fixing the cause)",
+    )
+    p.add_argument(
+        "--verify-done",
+        action="store_true",
+        help="recheck the checksum of every done shard before skipping it (reads every output)",
+    )
     p.add_argument(
         "--ray-address",
         default=None,
         help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.add_argument(
+        "--ray-timeout",
+        type=positive_float,
+        default=None,
+        help=f"seconds to wait for the Ray cluster to answer (default {DEFAULT_RAY_TIMEOUT:g})",
     )
     p.add_argument(
         "--no-ray", action="store_true", help="run in this process, without Ray (debugging)"
@@ -61,18 +84,61 @@ def add_stage_flags(p: argparse.ArgumentParser, worker: str = "model actors") ->
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@dataclass
+class RunOptions:
+    """How `run_stage` treats shards already done; set once per command by `stage_args`."""
+
+    retry_errors: bool = False  # redo done shards with error rows
+    verify_done: bool = False  # recheck checksums (not just sizes) before skipping
+
+
+_options = RunOptions()
+
+
+def set_run_options(options: RunOptions) -> None:
+    """Set how every following `run_stage` of this process treats done shards (the CLI's
+    ``--retry-errors`` / ``--verify-done``; a notebook may call it too)."""
+    global _options
+    _options = options
+
+
 def stage_args(args: argparse.Namespace) -> dict[str, Any]:
-    """`add_stage_flags`' values as the keyword arguments of the stage functions."""
+    """`add_stage_flags`' values as the keyword arguments of the stage functions.
+
+    Also checks ``--shards`` against the store (before any file is written or Ray starts) and
+    sets the process-wide `RunOptions` and Ray timeout, which the stage functions do not take.
+    """
+    shards = args.shards
+    if isinstance(shards, str):
+        shards = _shard_list(shards)
+    if shards is not None and getattr(args, "store", None):
+        check_shards(Store(args.store), shards)
+    set_run_options(RunOptions(retry_errors=args.retry_errors, verify_done=args.verify_done))
+    if args.ray_timeout is not None:
+        set_ray_timeout(args.ray_timeout)
     return {
         "workers": args.workers,
         "gpus_per_worker": args.gpus_per_worker,
         "cpus_per_worker": args.cpus_per_worker,
         "max_retries": args.max_retries,
-        "shards": _shard_list(args.shards),
+        "shards": shards,
         "ray_address": args.ray_address,
         "use_ray": not args.no_ray,
         "progress": not args.no_progress,
     }
+
+
+def check_shards(store: Store, shards: list[str]) -> None:
+    """A `StoreError` unless every name in ``shards`` is an ingested shard of ``store``."""
+    store.require()
+    ingested = set(store.shards())
+    missing = [s for s in shards if s not in ingested]
+    if missing:
+        have = ranges(sorted(ingested)) or "none"
+        raise StoreError(
+            f"--shards: shard(s) not ingested in {store.root}: {', '.join(missing[:5])} "
+            f"(ingested: {have})"
+        )
 
 
 @dataclass
@@ -106,10 +172,13 @@ class StageSummary:
     errors: Counter = field(default_factory=Counter)
     retries: int = 0
     seconds: float = 0.0
+    redo: dict[str, str] = field(default_factory=dict)  # done shard -> why it is redone
+    stopped: str | None = None  # why the run stopped early (disk full …)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.stopped is None
 
     def lines(self) -> list[str]:
         rate = self.rows / self.seconds if self.seconds else 0.0
@@ -117,11 +186,17 @@ class StageSummary:
             f"{self.stage}: {len(self.done)} shard(s) done, {len(self.skipped)} skipped as already done, "
             f"{len(self.failed)} failed; {self.rows} rows at {rate:.2f} rows/s; {self.retries} retries",
         ]
+        for why, n in Counter(self.redo.values()).most_common():
+            out.append(f"  redone {n:>7}  done before, but {why}")
         for reason, n in self.errors.most_common():
             out.append(f"  error  {n:>7}  {reason}")
         for shard, err in sorted(self.failed.items()):
             out.append(f"  FAILED shard {shard}: {err}")
-        if self.failed:
+        for note in self.notes:
+            out.append(f"  note: {note}")
+        if self.stopped:
+            out.append(f"  STOPPED: {self.stopped}")
+        if self.failed or self.stopped:
             out.append("  re-run the same command to retry the failed shards")
         return out
 
@@ -140,50 +215,145 @@ class _Host:
 
 
 def pending_shards(
-    store: Store, spec: StageSpec, ingested: list[str] | None = None
+    store: Store,
+    spec: StageSpec,
+    redo: dict[str, str] | None = None,
+    options: RunOptions | None = None,
+    ingested: list[str] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(to do, already done) for a stage (``ingested``: the store's shards, if already read)."""
+    """(to do, already done) for a stage.
+
+    A shard counts as done only when its status record is there *and* its output file exists
+    with the recorded size (one listing of the output folder, no reads); with
+    ``options.verify_done`` its checksum is recomputed too, with ``options.retry_errors`` a
+    shard with error rows is redone. Shards redone for such a reason are added to ``redo``.
+    ``ingested``: the store's shards, when the caller has read them already.
+    """
+    options = options or _options
     ingested = store.shards() if ingested is None else ingested
     wanted = spec.shards if spec.shards is not None else ingested
     missing = sorted(set(wanted) - set(ingested))
     if missing:
         raise StoreError(f"shard(s) not ingested: {', '.join(missing[:5])}")
-    done = set(store.completed(spec.stage))
-    return [s for s in wanted if s not in done], [s for s in wanted if s in done]
+    records = store.completed(spec.stage)
+    sizes = fs.sizes(store.stage_dir(spec.stage))
+    todo, done = [], []
+    for shard in wanted:
+        rec = records.get(shard)
+        why = None if rec is None else _redo_reason(store, spec.stage, shard, rec, sizes, options)
+        if rec is None or why is not None:
+            todo.append(shard)
+            if why is not None and redo is not None:
+                redo[shard] = why
+        else:
+            done.append(shard)
+    return todo, done
+
+
+def _redo_reason(
+    store: Store,
+    stage: str,
+    shard: str,
+    rec: dict[str, Any],
+    sizes: dict[str, int],
+    options: RunOptions,
+) -> str | None:
+    """Why a shard with a status record must be redone, or None to skip it."""
+    from pipeline.store import sha256_url
+
+    for size_field, rel in store.output_names(stage, shard, rec).items():
+        name = rel.rsplit("/", 1)[-1]
+        if name not in sizes:
+            return "its output file is missing"
+        if rec.get(size_field) is not None and int(rec[size_field]) != sizes[name]:
+            return "its output file has another size than recorded"
+        if (
+            options.verify_done
+            and rec.get("checksum")
+            and sha256_url(store.url(rel)) != rec["checksum"]
+        ):
+            return "its output file fails its checksum"
+    if options.retry_errors and int(rec.get("errors") or 0) > 0:
+        return "it has error rows (--retry-errors)"
+    return None
 
 
 def run_stage(
     store: Store, spec: StageSpec, progress: bool = True, use_ray: bool = True
 ) -> StageSummary:
-    """Run ``spec`` over the store's shards; completed shards are skipped, so re-running resumes."""
+    """Run ``spec`` over the store's shards; completed shards are skipped, so re-running resumes.
+
+    Holds the lease of ``spec.stage`` while it runs: a second run of the same stage and tag is
+    refused with one line naming this one; other stages and tags run side by side. Nothing is
+    written before the shard list is checked. A failed write (disk full) stops the run after the
+    shards in flight; the summary says so.
+    """
+    from pipeline.repair import clean_stage
+
     start = time.perf_counter()
     store.require()
-    store.claim_stage(spec.stage, spec.settings)
-    ingest = store.completed("ingest")
-    todo, done = pending_shards(store, spec, sorted(ingest))
-    summary = StageSummary(stage=spec.stage, skipped=done)
-    total_rows = sum(ingest[s].get("ok", 0) for s in todo)
-    bar = tqdm(total=total_rows, desc=spec.stage, unit="row", disable=not progress, smoothing=0.1)
+    # Start-up reads each folder once (on S3 a listing is a request per 1,000 files): its
+    # listings are shared until this run writes into the folder. Workers then list afresh.
+    snapshot = fs.ListingSnapshot()
+    with snapshot:
+        ingest = store.completed("ingest")
+        ingested = sorted(ingest)
+        pending_shards(store, spec, ingested=ingested)  # 1. check the shard list, write nothing
+    with store.lease(spec.stage) as lease:
+        with snapshot:
+            # 2. under the lease: clear what crashed runs of this stage left, record the settings
+            for line in clean_stage(store, spec.stage):
+                log.warning("%s", line)
+            store.claim_stage(spec.stage, spec.settings)
+            summary = StageSummary(stage=spec.stage)
+            todo, summary.skipped = pending_shards(store, spec, summary.redo, ingested=ingested)
+            for shard in summary.redo:  # not done any more until redone
+                fs.remove(store.status_url(spec.stage, shard))
+        total_rows = sum(ingest[s].get("ok", 0) for s in todo)
+        bar = tqdm(
+            total=total_rows, desc=spec.stage, unit="row", disable=not progress, smoothing=0.1
+        )
 
-    def finished(shard: str, rec: dict[str, Any]) -> None:
-        summary.done.append(shard)
-        summary.rows += int(rec.get("rows", 0))
-        summary.errors.update(rec.get("errors_by_reason", {}))
-        bar.update(ingest[shard].get("ok", 0))
+        def finished(shard: str, rec: dict[str, Any]) -> None:
+            summary.done.append(shard)
+            summary.rows += int(rec.get("rows", 0))
+            summary.errors.update(rec.get("errors_by_reason", {}))
+            bar.update(ingest[shard].get("ok", 0))
+            lease.check()
 
-    try:
-        if todo:
-            if use_ray:
-                _run_ray(spec, todo, summary, finished, store)
-            else:
-                _run_local(spec, todo, summary, finished)
-    finally:
-        bar.close()
-        # Only this stage's records can have changed: list it again (it was listed just above
-        # if nothing ran); the other stages keep their manifest entries.
-        store.refresh_manifest(stages=[spec.stage] if todo else [])
+        try:
+            if todo:
+                if use_ray:
+                    _run_ray(spec, todo, summary, finished, store)
+                else:
+                    _run_local(spec, todo, summary, finished)
+        finally:
+            bar.close()
+            try:
+                # Only this stage's records can have changed: list it again (if anything ran);
+                # the other stages keep their manifest entries.
+                store.refresh_manifest(stages=[spec.stage] if todo else [])
+            except OSError as e:  # disk full: the records are safe, the manifest is derived
+                summary.notes.append(
+                    f"manifest.json not updated ({e.strerror or e}); any later run rebuilds it"
+                )
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+# errnos after which more writes are pointless: stop cleanly instead of failing every shard
+STOP_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def stop_reason(e: BaseException) -> str | None:
+    """A one-line reason to stop the whole run when ``e`` (or its cause) is a disk-full error."""
+    cause = getattr(e, "cause", None) or e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno in STOP_ERRNOS:
+        where = f" writing {cause.filename}" if cause.filename else ""
+        return f"{cause.strerror or cause}{where}; free space, then re-run the same command"
+    return None
 
 
 def _run_local(spec: StageSpec, todo: list[str], summary: StageSummary, finished) -> None:
@@ -195,6 +365,10 @@ def _run_local(spec: StageSpec, todo: list[str], summary: StageSummary, finished
                 break
             except Exception as e:  # a shard-level failure: retry, then report
                 log.warning("shard %s attempt %d failed: %s", shard, attempt + 1, e)
+                if (why := stop_reason(e)) is not None:
+                    summary.failed[shard] = f"{type(e).__name__}: {e}"
+                    summary.stopped = why
+                    return
                 if attempt == spec.max_retries:
                     summary.failed[shard] = f"{type(e).__name__}: {e}"
                 else:
@@ -239,7 +413,11 @@ def _run_ray(
                     attempts[shard] += 1
                     cause = "worker died" if dead else _one_line(e)
                     log.warning("shard %s attempt %d failed: %s", shard, attempts[shard], cause)
-                    if attempts[shard] > spec.max_retries:
+                    if (why := stop_reason(e)) is not None:  # disk full: finish in-flight only
+                        summary.stopped = why
+                        summary.failed[shard] = cause
+                        pending.clear()
+                    elif attempts[shard] > spec.max_retries:
                         summary.failed[shard] = cause
                     else:
                         summary.retries += 1
@@ -263,7 +441,24 @@ def _shard_list(text: str | None) -> list[str] | None:
     names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     if not names:
         raise UserError(f"--shards {text!r}: no shard names (e.g. --shards 000001,000007)")
+    bad = [n for n in names if not (n.isdigit() and len(n) == 6)]
+    if bad:
+        raise UserError(f"--shards: {bad[0]!r} is not a shard name (six digits, e.g. 000001)")
     return names
+
+
+def _shard_arg(text: str) -> list[str]:
+    """argparse type of ``--shards``: the parsed list, or the parse error."""
+    try:
+        return _shard_list(text)  # type: ignore[return-value]
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+
+def ranges(shards: list[str]) -> str:
+    from pipeline.manifest import ranges as _ranges
+
+    return _ranges(shards)
 
 
 def fitting_workers(wanted: int, cpus: float, gpus: float) -> int:

@@ -25,14 +25,12 @@ SQL's ``least``/``greatest``; a column name that is not a plain identifier needs
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import __version__, fs
 from pipeline.errors import UserError
@@ -193,13 +191,39 @@ def _rewrite_minmax(expr: str) -> str:
     return "".join(out)
 
 
+MAX_WHERE = 10_000  # characters; a filter longer than this is a mistake (a pasted file?)
+# SQL aggregates: in a row filter they would compare each row with a whole-column value.
+_AGGREGATE = re.compile(
+    r"\b(sum|avg|mean|count|min|max|median|stddev|stddev_samp|variance|var_samp|first|last|"
+    r"array_agg|string_agg|quantile_cont|quantile_disc|bit_and|bit_or|bool_and|bool_or)\s*\(",
+    re.IGNORECASE,
+)
+
+
+def _unquoted(expr: str) -> str:
+    """``expr`` with every quoted literal or identifier blanked out (for keyword checks)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", lambda m: " " * len(m.group(0)), expr)
+
+
 def filter_table(df: pl.DataFrame, where: str) -> pl.DataFrame:
     """Rows of ``df`` where the SQL expression ``where`` is true (null counts as false)."""
     columns = ", ".join(df.columns)
     if not where or not where.strip():
         raise UserError(f"empty --where expression; columns: {columns}")
+    if len(where) > MAX_WHERE:
+        raise UserError(
+            f"--where is {len(where)} characters long (at most {MAX_WHERE}); "
+            "select with a shorter expression"
+        )
+    rewritten = _rewrite_minmax(where)
+    agg = _AGGREGATE.search(_unquoted(rewritten))
+    if agg:
+        raise UserError(
+            f"--where {where[:80]!r}: {agg.group(1)}(...) aggregates a whole column; a view "
+            "filters rows one by one (two-argument min(a, b) / max(a, b) compare within a row)"
+        )
     try:
-        expr = pl.sql_expr(_rewrite_minmax(where))
+        expr = pl.sql_expr(rewritten)
         return df.filter(expr)
     except pl.exceptions.ColumnNotFoundError as e:
         m = re.search(r'column "?([^"\s;]+)"?', str(e))
@@ -278,7 +302,7 @@ def _read_view_file(store: Store, name: str) -> pa.Table:
     if not fs.exists(url):
         have = ", ".join(view_names(store)) or "none"
         raise StoreError(f"no view {name!r} in {store.root} (views: {have})")
-    return pq.read_table(io.BytesIO(fs.read_bytes(url)))
+    return fs.read_parquet(url)
 
 
 def read_view(store: Store, name: str) -> pa.Table:

@@ -3,6 +3,7 @@ on a local disk and on a real S3 endpoint (moto server) through conditional crea
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,24 +91,36 @@ def test_renewal_keeps_a_running_holder(tmp_path):
         lease.check()
 
 
-def test_killed_holder_is_taken_over_after_expiry(tmp_path):
-    """A writer SIGKILLed while holding the lease blocks others only until its lease expires."""
+def test_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    """A writer SIGKILLed while holding the lease does not block the re-run of its command."""
     root = str(tmp_path / "store")
     code = (
         "import sys, time; from pipeline.lease import Lease; "
-        f"Lease({root!r}, 'ingest', owner='victim', ttl=1.5).__enter__(); "
+        f"Lease({root!r}, 'ingest', owner='victim', ttl=600).__enter__(); "
         "print('held', flush=True); time.sleep(60)"
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
     assert proc.stdout.readline().strip() == b"held"
+    with pytest.raises(LeaseHeld, match=rf"'victim' \(pid {proc.pid} "):
+        Lease(root, "ingest").acquire()  # alive: refused
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with pytest.raises(LeaseHeld, match=rf"'victim' \(pid {proc.pid} "):
-        Lease(root, "ingest").acquire()
-    time.sleep(1.7)
-    with Lease(root, "ingest"):
+    with Lease(root, "ingest"):  # dead: taken over without waiting for the expiry
         pass
+
+
+def test_holder_on_another_host_is_taken_over_only_after_expiry(tmp_path):
+    """Another host's process cannot be checked: its lease counts until it expires."""
+    root = str(tmp_path / "store")
+    rec = {"owner": "far", "host": "elsewhere", "pid": 1, "token": "t", "renewed": time.time()}
+    rec["expires"] = time.time() + 1.0
+    fs.create_exclusive(fs.join(root, "_locks", "ingest", f"{7:012d}.json"), json.dumps(rec))
+    with pytest.raises(LeaseHeld, match="'far' \\(pid 1 on host elsewhere"):
+        Lease(root, "ingest").acquire()
+    time.sleep(1.2)
+    with Lease(root, "ingest") as lease:
+        assert lease.gen == 8
 
 
 def test_leases_all_or_none(tmp_path):

@@ -97,11 +97,15 @@ def test_settings_change_is_refused(store):
     ],
     ids=["caption", "score", "features"],
 )
-def test_stage_commands_share_the_placement_flags(argv):
+def test_stage_commands_share_the_placement_flags(argv, photos_dir, tmp_path, capsys):
     """Every shard stage places its workers with the same flags, defaults and meanings."""
     from pipeline.cli import build_parser
+    from pipeline.ingest.folder import ingest_folder
     from pipeline.stage import stage_args
 
+    store = str(tmp_path / "s")
+    ingest_folder(store, photos_dir, shard_size=1, progress=False)  # --shards are checked
+    argv = [store if a == "s" else a for a in argv]
     parser = build_parser()
     assert stage_args(parser.parse_args(argv)) == {
         "workers": 1,
@@ -125,8 +129,17 @@ def test_stage_commands_share_the_placement_flags(argv):
         "use_ray": False,
         "progress": False,
     }
-    with pytest.raises(ValueError, match="--shards ',': no shard names"):
-        stage_args(parser.parse_args(argv + ["--shards", ","]))
+    # bad values are refused at parse time (before any file is written or Ray starts)
+    from pipeline.cli import main
+
+    for bad, why in ((",", "no shard names"), ("999999", "not ingested"), ("12", "six digits")):
+        assert main(argv + ["--shards", bad]) == 2
+        assert why in capsys.readouterr().err
+    from pipeline.store import StoreError
+
+    with pytest.raises(StoreError, match="not ingested in .*: 999999 "):
+        stage_args(parser.parse_args(argv + ["--shards", "999999"]))
+    assert not (tmp_path / "s" / "_status" / argv[0]).exists()
 
 
 def test_place_workers_without_ray_follows_this_machine():
