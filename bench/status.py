@@ -3,7 +3,8 @@ show`, of a no-op stage run and of one manifest refresh, through the per-stage s
 
 Store: --shards image shards, each done by 8 stages (two caption tags, scores, embeddings, dedup,
 two feature resolutions, edges): 9 status folders of --shards records each, with realistic
-records (~600 bytes), on a local moto S3 endpoint. The endpoint is moto's server in a child
+records (~600 bytes), and the output files of the stage that the no-op run runs (a run checks
+that each done shard's output is there with its recorded size), on a local moto S3 endpoint. The endpoint is moto's server in a child
 process; its request log is what is counted (every HTTP request any client sends). Listings
 return 1,000 keys a page as S3 does (moto's default is 100: MOTO_S3_DEFAULT_MAX_KEYS=1000).
 
@@ -43,6 +44,7 @@ STAGES = [
     "features/t5-v1_1-xxl_sd-vae-ft-ema_1024_llava-1.5-7b",
     "edges/hed",
 ]
+OUTPUT_BYTES = 1000  # the benchmarked stage's output files exist, with this (recorded) size
 REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) ')
 
 
@@ -64,7 +66,7 @@ def record(stage: str, shard: str) -> dict:
         rec.update(source="sam", meta_checksum=rec["checksum"], image_bytes=412_000_000,
                    meta_bytes=180_000)  # fmt: skip
     else:
-        rec.update(output=f"{shard}.parquet", output_bytes=2_100_000, model=stage.split("/")[1])
+        rec.update(output=f"{shard}.parquet", output_bytes=OUTPUT_BYTES, model=stage.split("/")[1])
     return rec
 
 
@@ -89,6 +91,9 @@ def serve(port: int, shards: int, prefix: str) -> None:
     for stage, shard, rec in _records(shards):
         key = f"{prefix}/_status/{stage}/{shard}.json"
         backend.put_object(BUCKET, key, json.dumps(rec, indent=1, sort_keys=True).encode())
+    # The run stage checks that each done shard's output file is there with its recorded size.
+    for i in range(shards):
+        backend.put_object(BUCKET, f"{prefix}/{STAGES[0]}/{i:06d}.parquet", b"\0" * OUTPUT_BYTES)
     for stage in STAGES:
         cfg = {"stage": stage, "settings": {"model": stage}, "tool_version": "0.1.0",
                "created": "2026-11-30T06:00:00+00:00"}  # fmt: skip
