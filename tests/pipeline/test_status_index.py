@@ -155,3 +155,47 @@ def test_no_stale_listing_on_s3(s3_bucket):
     assert sorted(store.completed(STAGE)) == ["000000", "000001"]
     m = store.refresh_manifest()
     assert sorted(m["stages"][STAGE]["shards"]) == ["000000", "000001"]
+
+
+def test_listing_snapshot_shares_listings_until_a_write(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.json").write_text("{}")
+    url = str(folder)
+    with fs.ListingSnapshot():
+        assert fs.ls(url) == ["a.json"]
+        (folder / "b.json").write_text("{}")  # behind this module's back: not seen yet
+        assert fs.ls(url) == ["a.json"] and sorted(fs.sizes(url)) == ["a.json"]
+        fs.atomic_write(fs.join(url, "c.json"), "{}")  # a write through fs: listed again
+        assert fs.ls(url) == ["a.json", "b.json", "c.json"]
+    (folder / "d.json").write_text("{}")
+    assert fs.ls(url) == ["a.json", "b.json", "c.json", "d.json"]  # no snapshot: always fresh
+
+
+class _Touch:
+    """A stage worker that writes a small output file and its status record."""
+
+    def __init__(self, store: str):
+        self.store = Store(store)
+
+    def __call__(self, shard: str) -> dict:
+        fs.atomic_write(self.store.url(STAGE, f"{shard}.parquet"), b"output")
+        return self.store.write_status(STAGE, shard, {"rows": 1, "errors": 0})
+
+
+def test_noop_stage_run_requests_do_not_grow_with_shards_on_s3(s3_bucket):
+    from pipeline.stage import StageSpec, run_stage
+
+    counts = {}
+    for n in (6, 60):
+        store = _make_store(f"{s3_bucket}/s{n}", shards=n, stage_shards=0)
+        spec = StageSpec(STAGE, _Touch, {"store": store.root}, settings={"model": "t"})
+        summary = run_stage(store, spec, progress=False, use_ray=False)
+        assert len(summary.done) == n
+        requests = _Requests(store.root)
+        summary = run_stage(Store(store.root), spec, progress=False, use_ray=False)
+        assert len(summary.skipped) == n and not summary.done
+        counts[n] = len(requests.take())
+    # One listing per folder (ingest records, stage records, stage outputs), whatever the count.
+    assert counts[6] == counts[60], counts
+    assert counts[60] < 40, counts
