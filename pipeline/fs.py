@@ -348,11 +348,12 @@ def atomic_open(url: str) -> Iterator[IO[bytes]]:
         f = fs.open(path, "wb")
         try:
             yield f
+            f.close()  # the commit
         except BaseException:
-            f.discard()  # aborts a multipart upload (s3fs, gcsfs)
+            with contextlib.suppress(Exception):
+                f.discard()  # aborts a multipart upload (s3fs, gcsfs)
             f.closed = True  # and never commit what was buffered, not even at garbage collection
             raise
-        f.close()
         return
     # Other remote filesystems (sftp, hdfs…): a temp name beside the target, then a rename.
     tmp = join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")

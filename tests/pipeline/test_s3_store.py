@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import s3fs
 
 from pipeline.demo import write_demo_photos
@@ -218,3 +219,24 @@ def test_kill_resume_and_verify_on_s3(s3_bucket, tmp_path, capsys):
     # show agrees.
     rc, out, _ = alphaset_here(capsys, "manifest", "show", "--store", store)
     assert rc == 0 and "captions/tiny  6/7 shards" in out and "missing 000001" in out, out
+
+
+def test_failed_upload_leaves_nothing(s3_bucket, tmp_path, monkeypatch):
+    """An error while writing (here after a first multipart part went up) aborts the upload: no
+    object, no incomplete multipart upload, no local spool file."""
+    from pipeline import fs
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    url = f"{s3_bucket}/store/features/t/000000.tar"
+    with pytest.raises(RuntimeError, match="killed"):
+        with fs.atomic_open(url) as f:
+            f.write(b"\0" * (51 << 20))  # over s3fs's 50 MB block: a multipart upload starts
+            f.flush()
+            raise RuntimeError("killed")
+    s3 = _s3()
+    assert not s3.exists(url[5:])
+    assert s3.list_multipart_uploads(s3_bucket[5:]) == []
+    assert list(tmp_path.iterdir()) == []
+    with fs.atomic_open(url) as f:
+        f.write(b"tar")
+    assert s3.cat(url[5:]) == b"tar"
