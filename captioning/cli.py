@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli import positive_int
 from pipeline.stage import add_stage_flags, stage_args
 
 from .captioner import CACHES, DEFAULT_PROMPT, DTYPES
@@ -42,17 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=256,
         help="caption length limit in tokens (default 256)",
     )
     p.add_argument(
         "--max-side",
-        type=int,
+        type=positive_int,
         default=1024,
         help="downsize larger images before the processor (default 1024)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default 8)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="images per generate call (default 8)"
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -67,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sort-window",
-        type=int,
+        type=positive_int,
         default=8,
         help="batches read ahead and ordered by prompt length, so a batch pads little (default 8; 1: shard order)",
     )

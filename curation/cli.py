@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.cli import nonnegative_int, positive_int
 from pipeline.stage import add_stage_flags, stage_args
 
 SCORE_EPILOG = """\
@@ -103,14 +104,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated caption tags to compare with (default: those of the first run, else all present)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=64, help="images per forward pass (default 64)"
+        "--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)"
     )
     p.add_argument(
         "--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto: cuda when available)"
     )
     p.add_argument(
         "--decode-workers",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="decode processes per worker (default: CPU cores - 1, at most 16; lower it when several workers share a node)",
     )
@@ -142,9 +143,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--no-semantic", action="store_true", help="skip the CLIP-embedding search")
     d.add_argument(
-        "--nprobe", type=int, default=16, help="IVF cells probed per embedding (default 16)"
+        "--nprobe",
+        type=positive_int,
+        default=16,
+        help="IVF cells probed per embedding (default 16)",
     )
     d.add_argument(
-        "--phash-nprobe", type=int, default=256, help="IVF cells probed per phash (default 256)"
+        "--phash-nprobe",
+        type=positive_int,
+        default=256,
+        help="IVF cells probed per phash (default 256)",
     )
     d.set_defaults(func=_dedup)

@@ -165,6 +165,16 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _exit_now_if_ray_connect_hung(code: int) -> None:
+    """A timed-out Ray connection still runs in a thread that would hold the exit and print
+    Ray's warnings; leave at once (everything written so far is flushed)."""
+    cluster = sys.modules.get("pipeline.cluster")
+    if cluster is not None and cluster.connect_hung.is_set():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
     """``-v``/``--verbose`` anywhere before ``--`` (``alphaset caption … -v`` works too)."""
     out, verbose = [], False
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"alphaset {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        _exit_now_if_ray_connect_hung(2)
         return 2
     except OSError as e:
         if args.verbose:

@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RAY_TIMEOUT = 30.0
 _timeout = DEFAULT_RAY_TIMEOUT
+# Set when a ray.init timed out and still runs in its thread: the CLI then exits at once rather
+# than wait for it (and print Ray's own connection warnings after its one-line error).
+connect_hung = threading.Event()
 
 
 def set_ray_timeout(seconds: float) -> None:
@@ -65,14 +68,24 @@ def connect_ray(address: str, timeout: float | None = None) -> None:
 
     def init() -> None:
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_level=logging.ERROR)
         except BaseException as e:  # handed to the caller below
             failure.append(e)
 
-    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
-    thread.start()
-    thread.join(timeout)
+    # Ray's C++ client logs every failed connection attempt; our one line says it instead.
+    saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    try:
+        thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+        else:
+            os.environ["RAY_BACKEND_LOG_LEVEL"] = saved
     if thread.is_alive():
+        connect_hung.set()
         raise UserError(
             f"the Ray cluster at {address} did not answer within {timeout:g} s (--ray-timeout); "
             "is it a Ray GCS address (port 6379 by default)?"

@@ -462,7 +462,9 @@ def read_parquet(url: str, columns: list[str] | None = None):
     with open_read(url) as f:
         try:
             return pq.read_table(f, columns=columns)
-        except pa.ArrowException as e:
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # a real I/O error (pyarrow's decoding errors carry no errno)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UnreadableFile(
                 f"{url} is not a readable Parquet file ({reason}); 'alphaset manifest verify' "

@@ -169,11 +169,12 @@ class Lease:
                     raise LeaseHeld(self._refusal(rec))  # type: ignore[arg-type]
                 if rec is not None and not rec.get("released"):
                     log.warning(
-                        "taking over the expired %s lease of %s (pid %s on %s)",
+                        "taking over the %s lease of %s (pid %s on %s): %s",
                         self.name,
                         rec.get("owner"),
                         rec.get("pid"),
                         rec.get("host"),
+                        "its process is gone" if _dead_here(rec) else "it expired",
                     )
                 gen = top + 1
             if fs.create_exclusive(self._url(gen), self._payload()):

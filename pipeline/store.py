@@ -387,7 +387,14 @@ class Store:
 
     # ---- reading shards ----------------------------------------------------------------------
     def read_meta(self, shard: str, columns: list[str] | None = None) -> pa.Table:
-        return fs.read_parquet(self.meta_url(shard), columns=columns)
+        try:
+            return fs.read_parquet(self.meta_url(shard), columns=columns)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.meta_url(shard)} is missing but its ingest status record exists; "
+                f"'alphaset manifest repair --store {self.root}' sets the shard aside so the next "
+                "ingest of its source adds its samples again"
+            ) from None
 
     def ok_keys(self, shard: str) -> list[str]:
         t = self.read_meta(shard, ["key", "status"])

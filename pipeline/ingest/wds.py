@@ -2,8 +2,9 @@
 
 A sample is the run of consecutive tar members sharing a key (the member path up to the first dot
 of its base name, as in `webdataset`). Members are read as bytes and never extracted to disk; a
-member with an absolute or ``..`` path, a link member, a sample without an image, and a tar that
-cannot be read to the end each become error rows, and the rest of the source is still ingested.
+member with an absolute or ``..`` path, a link, device or FIFO member (or a folder named like an
+image), a sample without an image, and a tar that cannot be read to the end each become error
+rows, and the rest of the source is still ingested.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from pipeline.ingest.writer import RawSample, make_key
 from pipeline.store import check_member_name
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)
+_MEMBER_KINDS = {
+    tarfile.DIRTYPE: "folder",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.CONTTYPE: "contiguous file",
+}
 
 EPILOG = """\
 Reads: WebDataset tars (<key>.jpg|jpeg|png|webp, <key>.txt caption, <key>.json metadata).
@@ -104,8 +113,11 @@ def _group_members(tar: str) -> Iterator[tuple[str, dict[str, bytes], str | None
             problem = None
             if member.issym() or member.islnk():
                 problem = f"unsafe tar member: link {member.name!r} -> {member.linkname!r}"
+            elif member.isdir() and not member.name.rstrip("/").lower().endswith(_IMAGE_SUFFIXES):
+                continue  # plain folders
             elif not member.isfile():
-                continue  # folders
+                kind = _MEMBER_KINDS.get(member.type, f"type {member.type!r}")
+                problem = f"tar member not a regular file: {kind} {member.name!r}"
             try:
                 check_member_name(member.name)
             except ValueError as e:

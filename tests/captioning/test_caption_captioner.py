@@ -3,6 +3,7 @@ import pytest
 from PIL import Image
 
 from captioning.captioner import ALT_PROMPT, DEFAULT_PROMPT, CaptionConfig, Captioner, clean_caption
+from pipeline.errors import UserError
 
 
 def _photos(photos_dir, n=3):
@@ -45,7 +46,7 @@ def test_prompt_with_alt_follows_pixart():
     ],
 )
 def test_bad_settings_fail_early_naming_the_value(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         CaptionConfig(**kwargs)
 
 

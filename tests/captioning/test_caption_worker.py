@@ -7,6 +7,7 @@ import pytest
 from captioning.captioner import CaptionConfig, Captioner
 from captioning.worker import CAPTION_SCHEMA, CaptionWorker
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.store import meta_table, write_tar
 
 
@@ -117,13 +118,13 @@ def test_a_failing_input_pipeline_fails_the_shard_without_hanging(photo_store, t
 
 
 def test_unknown_worker_setting_is_refused(photo_store):
-    with pytest.raises(ValueError, match="unknown caption setting.*temperature"):
+    with pytest.raises(UserError, match="unknown caption setting.*temperature"):
         CaptionWorker(photo_store.root, "tiny", "tiny", temperature=0.7)
 
 
 @pytest.mark.parametrize("tag", ["_x", "a/b", ".hidden", ""])
 def test_bad_tag_is_refused(photo_store, tiny_loaded, tag):
-    with pytest.raises(ValueError, match="--tag"):
+    with pytest.raises(UserError, match="--tag"):
         _worker(photo_store, tiny_loaded, tag=tag)
 
 
@@ -154,5 +155,5 @@ def test_length_bucketing_cuts_padding_and_keeps_shard_order(store_factory, tiny
 
 
 def test_sort_window_must_be_positive():
-    with pytest.raises(ValueError, match="--sort-window must be >= 1 batch"):
+    with pytest.raises(UserError, match="--sort-window must be >= 1 batch"):
         CaptionConfig(sort_window=0)

@@ -16,6 +16,7 @@ from curation.dedup import (
 )
 from pipeline import fs
 from pipeline.cli import main
+from pipeline.errors import UserError
 from pipeline.store import Store, StoreError
 
 # made by the dup_photos fixture (tests/curation/conftest.py)
@@ -197,9 +198,9 @@ def test_group_keeps_best_image_and_strongest_link():
 
 
 def test_bad_thresholds_are_rejected():
-    with pytest.raises(ValueError, match="--semantic-threshold must be a cosine in"):
+    with pytest.raises(UserError, match="--semantic-threshold must be a cosine in"):
         DedupConfig(semantic_threshold=1.5)
-    with pytest.raises(ValueError, match="--phash-threshold must be in 0..32"):
+    with pytest.raises(UserError, match="--phash-threshold must be in 0..32"):
         DedupConfig(phash_threshold=-1)
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from curation.plots import _wrap, plot_store
 from pipeline import fs
 from pipeline.cli import main
+from pipeline.errors import UserError
 from pipeline.ingest.folder import ingest_folder
 from pipeline.store import Store
 
@@ -104,5 +105,5 @@ def test_wrap_limits_lines_and_width():
 
 
 def test_bad_n_is_an_error(store, tmp_path):
-    with pytest.raises(ValueError, match="--n must be >= 1"):
+    with pytest.raises(UserError, match="--n must be >= 1"):
         plot_store(store, str(tmp_path), n=0)

@@ -16,6 +16,7 @@ from curation.models import TINY_CONFIG, default_tag, load_clip, resolve_clip
 from curation.score import ScoreConfig, ScoreWorker, score_store, text_sim_column
 from pipeline import fs
 from pipeline.cli import main
+from pipeline.errors import UserError
 from pipeline.models import ModelNotFoundError
 from pipeline.store import Store, StoreError, iter_tar_samples, write_tar
 
@@ -182,7 +183,7 @@ def test_laion_head_file_format(tmp_path):
     assert head.input_size == 768 and not head.training
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1, 768)}, bad)
-    with pytest.raises(ValueError, match="not the LAION aesthetic MLP"):
+    with pytest.raises(UserError, match="not the LAION aesthetic MLP"):
         load_head(str(bad))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_head(str(tmp_path / "missing.pth"))
@@ -191,7 +192,7 @@ def test_laion_head_file_format(tmp_path):
 def test_head_width_must_match_clip(scored_store, tmp_path):
     path = tmp_path / "l14.pth"
     save_random_head(str(path), 768)
-    with pytest.raises(ValueError, match="takes 768-d embeddings but CLIP tiny makes 32-d"):
+    with pytest.raises(UserError, match="takes 768-d embeddings but CLIP tiny makes 32-d"):
         ScoreWorker(scored_store.root, clip="tiny", tag="x", aesthetic=str(path))
 
 

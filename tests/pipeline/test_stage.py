@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import fs
+from pipeline.errors import UserError
 from pipeline.ingest.folder import ingest_folder
 from pipeline.stage import StageSpec, run_stage
 from pipeline.store import Store, StoreError
@@ -149,7 +150,7 @@ def test_place_workers_without_ray_follows_this_machine():
 
     assert place_workers(0.25, None, use_ray=False) == 0.25
     assert place_workers(None, None, use_ray=False) == (1.0 if torch.cuda.is_available() else 0.0)
-    with pytest.raises(ValueError, match="--gpus-per-worker must be >= 0"):
+    with pytest.raises(UserError, match="--gpus-per-worker must be >= 0"):
         place_workers(-1, None, use_ray=True)  # before any Ray starts
 
 
@@ -163,7 +164,7 @@ def test_workers_beyond_the_cluster_are_not_started(ray_local, caplog):
         assert fitting_workers(8, 1.0, 0.0) == 2
     assert "holds 2 worker(s)" in caplog.text
     assert fitting_workers(8, 0.5, 0.0) == 4
-    with pytest.raises(ValueError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
+    with pytest.raises(UserError, match=r"2 CPU\(s\) and 0 GPU\(s\): not enough for one worker"):
         fitting_workers(1, 1.0, 1.0)
 
 

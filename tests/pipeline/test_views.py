@@ -12,6 +12,7 @@ from skimage import data
 
 from pipeline import fs
 from pipeline.cli import main
+from pipeline.errors import UserError
 from pipeline.ingest.folder import folder_samples
 from pipeline.ingest.writer import IngestConfig, ingest
 from pipeline.store import Store, StoreError
@@ -183,7 +184,7 @@ def test_unknown_column_lists_columns(scored_store):
     "where", ["clip_aesthetic >", "width", "width > 1; drop table x", "width > 'abc'"]
 )
 def test_bad_expression_is_one_line_listing_columns(scored_store, where):
-    with pytest.raises(ValueError, match=r"bad --where expression .*columns: key, shard") as e:
+    with pytest.raises(UserError, match=r"bad --where expression .*columns: key, shard") as e:
         create_view(scored_store, "bad", where, replace=True)
     assert "\n" not in str(e.value)
 
@@ -230,7 +231,7 @@ def test_missing_view_and_duplicate_name(scored_store):
         create_view(scored_store, "dup", "width > 0")
     drop_view(scored_store, "dup")
     assert "dup" not in [v["name"] for v in list_views(scored_store)]
-    with pytest.raises(ValueError, match="bad view name"):
+    with pytest.raises(UserError, match="bad view name"):
         create_view(scored_store, "../x", "width > 0")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.errors import UserError
 from sam_data.download import DownloadConfig, download, download_file, verify_tar
 from sam_data.links import parse_links, parse_md5
 
@@ -54,7 +55,7 @@ def test_parse_real_links_and_md5_files():
     assert set(md5s) == set(links.tars)
     assert md5s["sa_000000.tar"] == "78d0f487c735a3de86ae6e1b0ff24ea9"
     assert list(links.select(["sa_000999", "sa_000020.tar"])) == ["sa_000020.tar", "sa_000999.tar"]
-    with pytest.raises(ValueError, match="'sa_001000' is not an image tar"):
+    with pytest.raises(UserError, match="'sa_001000' is not an image tar"):
         links.select(["sa_001000"])
 
 
