@@ -56,6 +56,9 @@ QUARANTINE_DIR = "_quarantine"
 CONFIG_NAME = "config.json"
 INDEX_NAME = "_index.json.gz"
 INDEX_VERSION = 1
+# Below this many records a stage keeps no index object: reading them (concurrently) costs about
+# one round trip, as the index would, and a small store stays a few files smaller.
+INDEX_MIN_RECORDS = 100
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 # What manifest.json keeps of each status record.
 _MANIFEST_INGEST_FIELDS = ("rows", "ok", "errors", "source", "checksum", "time")
@@ -312,7 +315,7 @@ class Store:
     def _save_index(self, stage: str) -> None:
         """Persist the index of ``stage`` if it changed since it was read (drivers only)."""
         idx = self._indexes.get(stage)
-        if idx is None or not idx.dirty:
+        if idx is None or not idx.dirty or len(idx.records) < INDEX_MIN_RECORDS:
             return
         doc = {
             "version": INDEX_VERSION,

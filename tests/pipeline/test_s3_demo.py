@@ -97,9 +97,12 @@ def test_demo_chain_on_s3_and_readme_snippet(s3_bucket, tmp_path):
     assert got["images"] == 12
     assert got["features"] == 12 and got["last_t5"][0] > 0
 
-    # verify keeps reporting the leftovers (as warnings: re-running the stage redoes them).
-    out = run("manifest", "verify")
+    # verify keeps reporting the leftovers (the meta copy repeats ingested keys: a problem).
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "manifest", "verify", "--store", store],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = proc.stdout
     for rel in ("meta/000004.parquet", "images/000004.tar", "captions/tiny/000004.parquet",
                 f"features/{FEATURES_TAG}/000004.tar"):  # fmt: skip
-        assert f"warning {rel}: no status record" in out, out
-    assert "verify: OK, 0 problem(s)" in out
+        assert f"{rel}: no status record" in out, out

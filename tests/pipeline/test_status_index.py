@@ -13,19 +13,30 @@ import json
 import pytest
 
 from pipeline import fs, manifest
-from pipeline.store import INDEX_NAME, Store
+from pipeline.store import INDEX_MIN_RECORDS, INDEX_NAME, Store
 
 STAGE = "captions/t"
 
 
 def _make_store(root: str, shards: int, stage_shards: int) -> Store:
+    """A store with ``shards`` ingest records and ``stage_shards`` records (and small output
+    files) of STAGE, written in one concurrent batch (records as the workers write them)."""
     store = Store(root)
     store.create()
-    for i in range(shards):
-        store.write_status("ingest", f"{i:06d}", {"rows": 10, "ok": 9, "errors": 1})
     store.claim_stage(STAGE, {"model": "t"})
-    for i in range(stage_shards):
-        store.write_status(STAGE, f"{i:06d}", {"rows": 9, "errors": 0})
+    files: dict[str, bytes] = {}
+    for stage, n in (("ingest", shards), (STAGE, stage_shards)):
+        for i in range(n):
+            shard = f"{i:06d}"
+            rec = {"stage": stage, "shard": shard, "rows": 9, "ok": 9, "errors": 0}
+            if stage != "ingest":
+                files[store.url(STAGE, f"{shard}.parquet")] = b"output"
+                rec["output_bytes"] = len(b"output")
+            files[store.status_url(stage, shard)] = json.dumps(rec).encode()
+    for folder in (store.status_dir("ingest"), store.status_dir(STAGE), store.url(STAGE)):
+        fs.makedirs(folder)  # a local store's folders (none on S3)
+    fsys, _ = fs.filesystem(root)
+    fsys.pipe({fsys._strip_protocol(u): data for u, data in files.items()})
     return store
 
 
@@ -34,21 +45,23 @@ def _index_bytes(store: Store, stage: str) -> bytes:
 
 
 def test_index_follows_the_records(tmp_path, caplog):
-    store = _make_store(str(tmp_path / "s"), shards=6, stage_shards=4)
+    n = INDEX_MIN_RECORDS + 4
+    store = _make_store(str(tmp_path / "s"), shards=n + 2, stage_shards=n)
     store.refresh_manifest()
     doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
-    assert sorted(doc["records"]) == ["000000", "000001", "000002", "000003"]
+    assert sorted(doc["records"]) == [f"{i:06d}" for i in range(n)]
     assert sorted(doc["marks"]) == sorted(doc["records"])
 
     # Another process rewrites one record, adds one and deletes one: a fresh Store that starts
     # from the persisted index sees exactly the records.
     other = Store(store.root)
     other.write_status(STAGE, "000001", {"rows": 123456, "errors": 7})
-    other.write_status(STAGE, "000004", {"rows": 9, "errors": 0})
+    other.write_status(STAGE, f"{n:06d}", {"rows": 9, "errors": 0})
     fs.remove(store.status_url(STAGE, "000002"))
     fresh = Store(store.root)
     done = fresh.completed(STAGE)
-    assert sorted(done) == ["000000", "000001", "000003", "000004"]
+    expected = sorted({f"{i:06d}" for i in range(n + 1)} - {"000002"})
+    assert sorted(done) == expected
     assert done["000001"]["rows"] == 123456
     # ... and so does the Store that built the index (its in-memory copy is checked too).
     assert store.completed(STAGE) == done
@@ -56,11 +69,11 @@ def test_index_follows_the_records(tmp_path, caplog):
     # Reading does not write the index (read-only commands work on a read-only copy) …
     before = _index_bytes(store, STAGE)
     info = manifest.show(Store(store.root))
-    assert info["stages"][STAGE]["done"] == 4
+    assert info["stages"][STAGE]["done"] == n
     assert _index_bytes(store, STAGE) == before
     # … a driver's refresh does, and the manifest follows.
     m = fresh.refresh_manifest()
-    assert sorted(m["stages"][STAGE]["shards"]) == ["000000", "000001", "000003", "000004"]
+    assert sorted(m["stages"][STAGE]["shards"]) == expected
     doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
     assert doc["records"]["000001"]["rows"] == 123456 and "000002" not in doc["records"]
 
@@ -110,7 +123,7 @@ class _Requests:
         return out
 
 
-@pytest.mark.parametrize("n", [40])
+@pytest.mark.parametrize("n", [INDEX_MIN_RECORDS])
 def test_stage_state_costs_constant_requests_on_s3(s3_bucket, n):
     store = _make_store(f"{s3_bucket}/store", shards=n, stage_shards=n)
     requests = _Requests(store.root)
@@ -172,30 +185,32 @@ def test_listing_snapshot_shares_listings_until_a_write(tmp_path):
     assert fs.ls(url) == ["a.json", "b.json", "c.json", "d.json"]  # no snapshot: always fresh
 
 
-class _Touch:
-    """A stage worker that writes a small output file and its status record."""
-
-    def __init__(self, store: str):
-        self.store = Store(store)
+class _NeverCalled:
+    """The worker of a no-op run: every shard is done, so it must not run."""
 
     def __call__(self, shard: str) -> dict:
-        fs.atomic_write(self.store.url(STAGE, f"{shard}.parquet"), b"output")
-        return self.store.write_status(STAGE, shard, {"rows": 1, "errors": 0})
+        raise AssertionError(f"shard {shard} was not skipped")
 
 
 def test_noop_stage_run_requests_do_not_grow_with_shards_on_s3(s3_bucket):
     from pipeline.stage import StageSpec, run_stage
 
     counts = {}
-    for n in (6, 60):
-        store = _make_store(f"{s3_bucket}/s{n}", shards=n, stage_shards=0)
-        spec = StageSpec(STAGE, _Touch, {"store": store.root}, settings={"model": "t"})
-        summary = run_stage(store, spec, progress=False, use_ray=False)
-        assert len(summary.done) == n
+    for n in (INDEX_MIN_RECORDS, 2 * INDEX_MIN_RECORDS):
+        store = _make_store(f"{s3_bucket}/s{n}", shards=n, stage_shards=n)
+        spec = StageSpec(STAGE, _NeverCalled, {}, settings={"model": "t"})
+        run_stage(store, spec, progress=False, use_ray=False)  # builds the indexes
         requests = _Requests(store.root)
         summary = run_stage(Store(store.root), spec, progress=False, use_ray=False)
         assert len(summary.skipped) == n and not summary.done
         counts[n] = len(requests.take())
     # One listing per folder (ingest records, stage records, stage outputs), whatever the count.
-    assert counts[6] == counts[60], counts
-    assert counts[60] < 40, counts
+    small, big = counts.values()
+    assert small == big and big < 40, counts
+
+
+def test_small_stages_keep_no_index_object(tmp_path):
+    store = _make_store(str(tmp_path / "s"), shards=3, stage_shards=3)
+    store.refresh_manifest()
+    assert not fs.exists(fs.join(store.status_dir(STAGE), INDEX_NAME))
+    assert sorted(Store(store.root).completed(STAGE)) == ["000000", "000001", "000002"]
