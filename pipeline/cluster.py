@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 
 from pipeline.errors import UserError
@@ -25,6 +27,11 @@ def set_ray_timeout(seconds: float) -> None:
     if not seconds > 0:
         raise UserError(f"--ray-timeout must be > 0 seconds, got {seconds:g}")
     _timeout = float(seconds)
+
+
+class _DropSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 def connect_ray(address: str, timeout: float | None = None) -> None:
@@ -68,9 +75,17 @@ def connect_ray(address: str, timeout: float | None = None) -> None:
 
     def init() -> None:
         try:
-            ray.init(address=address, log_to_driver=True, logging_level=logging.ERROR)
+            ray.init(address=address, log_to_driver=True)
         except BaseException as e:  # handed to the caller below
             failure.append(e)
+
+    # ray.init runs in a thread so that it can time out. Ray sets its SIGTERM handler (exit, so
+    # clean-up runs) only from the main thread and warns otherwise: set the same one here.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    quiet = _DropSigtermWarning()
+    ray_log = logging.getLogger("ray._private.worker")
+    ray_log.addFilter(quiet)
 
     # Ray's C++ client logs every failed connection attempt; our one line says it instead.
     saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
@@ -80,6 +95,7 @@ def connect_ray(address: str, timeout: float | None = None) -> None:
         thread.start()
         thread.join(timeout)
     finally:
+        ray_log.removeFilter(quiet)
         if saved is None:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
         else:

@@ -7,10 +7,12 @@ themselves; nothing writes to the store, not even the index, so these work on a 
 
 ``verify`` re-reads every shard and table and lists every problem it finds rather than stopping
 at the first: missing or unreadable files, checksums, row counts against status records, keys of
-every stage shard against the image shard's ok keys (same keys, same order), unsafe tar member
-names, optionally undecodable images, and stage shards of shards never ingested. Files without a
-status record (what a crash between a write and its record leaves) are warnings: the next run of
-that stage rewrites them.
+every stage shard against the image shard's ok keys (same keys, same order; a view's keys for a
+stage made from a view), each key once in the store, unsafe tar member names, optionally
+undecodable images, and stage shards of shards never ingested. An unreadable manifest or status
+record is a problem row naming the file, never an abort. Files without a status record (what a
+crash between a write and its record leaves) are warnings: the next run of that stage, or
+``manifest repair`` (`pipeline.repair`), sets them aside.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ Example: alphaset manifest verify --store ./store --decode"""
 REPAIR_EPILOG = """\
 Reads: every status record and the files they vouch for (checksums), manifest.json.
 Writes: STORE/manifest.json (rebuilt from the status records); moves aside to STORE/_quarantine/<time>/
-shard files without a status record, unreadable status records, and the records and files of shards
-that fail their checksum (so the next run of that stage, or ingest from its source, redoes them);
-deletes temp files of interrupted writes. Takes every writer lease first (refused while a writer runs).
+shard files without a status record, temp files of interrupted writes, unreadable status records,
+and the records and files of shards that fail their checksum (so the next run of that stage, or
+ingest from its source, redoes them). Takes every writer lease first (refused while a writer runs).
 Prints what it did.  Nothing is deleted that a reader could use: _quarantine/ is yours to inspect.
 Example: alphaset manifest repair --store ./store && alphaset manifest verify --store ./store"""
 PLOT_EPILOG = """\

@@ -7,7 +7,7 @@ The status records are the truth (see `pipeline.store`); everything else is made
 - A shard file with no status record (a crash between a write and its record, or a record that
   was deleted) is moved aside to ``STORE/_quarantine/<time>/`` — never deleted, never read —
   so its keys cannot appear twice. Temp files of interrupted writes (``.NAME.tmp-XXXX``) are
-  deleted: they are incomplete by construction.
+  incomplete by construction: a writer starting deletes them, ``repair`` moves them aside too.
 - A status record that cannot be read, or whose files are missing or fail their checksum, is
   removed (the files go to quarantine), so the next run of that stage — or of ingest, from the
   source — redoes that shard. One exception keeps acknowledged images: an ingest shard whose meta
@@ -43,12 +43,20 @@ def _temp_leftovers(store: Store, rel_folder: str) -> list[str]:
     return [f"{rel_folder}/{n}" for n in fs.ls_fresh(store.url(rel_folder)) if ".tmp-" in n]
 
 
-def _delete_temps(store: Store, folders: list[str], actions: list[str]) -> None:
+def _clear_temps(
+    store: Store, folders: list[str], actions: list[str], when: str, keep: bool = False
+) -> None:
+    """Temp files of interrupted writes: deleted (a writer starting), or with ``keep`` moved to
+    quarantine (``manifest repair``, which deletes nothing)."""
     for folder in folders:
         for rel in _temp_leftovers(store, folder):
             try:
-                fs.remove(store.url(rel))
-                actions.append(f"deleted {rel} (temp file of an interrupted write)")
+                if keep:
+                    dst = store.quarantine(rel, when)
+                    actions.append(f"moved {rel} to {dst} (temp file of an interrupted write)")
+                else:
+                    fs.remove(store.url(rel))
+                    actions.append(f"deleted {rel} (temp file of an interrupted write)")
             except FileNotFoundError:
                 pass
 
@@ -72,12 +80,13 @@ def _quarantine_orphans(
 
 
 # ---- what every writer does first ----------------------------------------------------------------
-def clean_ingest(store: Store, when: str | None = None) -> list[str]:
-    """Under the ingest lease: temp leftovers of images/, meta/ and their status records deleted,
-    image and meta files without a status record quarantined, superseded error rows dropped."""
+def clean_ingest(store: Store, when: str | None = None, keep: bool = False) -> list[str]:
+    """Under the ingest lease: temp leftovers of images/, meta/ and their status records deleted
+    (``keep``: quarantined), image and meta files without a status record quarantined,
+    superseded error rows dropped."""
     actions: list[str] = []
     when = when or stamp()
-    _delete_temps(store, ["images", "meta", f"{STATUS_DIR}/ingest"], actions)
+    _clear_temps(store, ["images", "meta", f"{STATUS_DIR}/ingest"], actions, when, keep)
     done = set(store.shards())
     _quarantine_orphans(store, "images", (".tar",), done, when, actions)
     _quarantine_orphans(store, "meta", (".parquet",), done, when, actions)
@@ -85,12 +94,13 @@ def clean_ingest(store: Store, when: str | None = None) -> list[str]:
     return actions
 
 
-def clean_stage(store: Store, stage: str, when: str | None = None) -> list[str]:
-    """Under the lease of ``stage``: its temp leftovers deleted, its output files without a status
-    record and its shards of no-longer-ingested image shards quarantined."""
+def clean_stage(store: Store, stage: str, when: str | None = None, keep: bool = False) -> list[str]:
+    """Under the lease of ``stage``: its temp leftovers deleted (``keep``: quarantined), its
+    output files without a status record and its shards of no-longer-ingested image shards
+    quarantined."""
     actions: list[str] = []
     when = when or stamp()
-    _delete_temps(store, [stage, f"{STATUS_DIR}/{stage}"], actions)
+    _clear_temps(store, [stage, f"{STATUS_DIR}/{stage}"], actions, when, keep)
     ingested = set(store.shards())
     for shard, rec in sorted(store.completed(stage).items()):
         if shard not in ingested:
@@ -204,11 +214,11 @@ def repair(store: Store) -> dict[str, Any]:
         actions: list[str] = []
         actions.extend(_repair_records(store, "ingest", when))
         actions.extend(_repair_ingest_files(store, when))
-        actions.extend(clean_ingest(store, when))
+        actions.extend(clean_ingest(store, when, keep=True))
         for stage in stages:
             actions.extend(_repair_records(store, stage, when))
             actions.extend(_repair_stage_files(store, stage, when))
-            actions.extend(clean_stage(store, stage, when))
+            actions.extend(clean_stage(store, stage, when, keep=True))
         try:
             store.read_manifest()
         except StoreError as e:

@@ -113,8 +113,13 @@ def stage_args(args: argparse.Namespace) -> dict[str, Any]:
         shards = _shard_list(shards)
     if shards is not None and getattr(args, "store", None):
         check_shards(Store(args.store), shards)
-    set_run_options(RunOptions(retry_errors=args.retry_errors, verify_done=args.verify_done))
-    if args.ray_timeout is not None:
+    set_run_options(
+        RunOptions(
+            retry_errors=getattr(args, "retry_errors", False),
+            verify_done=getattr(args, "verify_done", False),
+        )
+    )
+    if getattr(args, "ray_timeout", None) is not None:
         set_ray_timeout(args.ray_timeout)
     return {
         "workers": args.workers,
@@ -298,7 +303,8 @@ def run_stage(
     with snapshot:
         ingest = store.completed("ingest")
         ingested = sorted(ingest)
-        pending_shards(store, spec, ingested=ingested)  # 1. check the shard list, write nothing
+        # 1. check the shard list, write nothing (no checksums read: default options)
+        pending_shards(store, spec, options=RunOptions(), ingested=ingested)
     with store.lease(spec.stage) as lease:
         with snapshot:
             # 2. under the lease: clear what crashed runs of this stage left, record the settings

@@ -286,14 +286,34 @@ def url_samples(
     url_col: str = "url",
     caption_col: str | None = None,
     cfg: DownloadConfig | None = None,
+    retry_errors: bool = False,
 ) -> Iterator[RawSample]:
     """Check the list, download it with img2dataset into the store's download folder (now),
-    and return the samples (lazily)."""
+    and return the samples (lazily). ``retry_errors``: download again the img2dataset shards
+    that hold failed URLs (img2dataset's incremental mode redoes just those)."""
     cfg = cfg or DownloadConfig()
     urls = read_url_list(list_path, url_col, caption_col)
     out = download_dir(store, urls, cfg)
+    if retry_errors:
+        forget_failed_downloads(out)
     download(urls, out, cfg)
     return downloaded_samples(out)
+
+
+def forget_failed_downloads(out: str) -> list[str]:
+    """Delete the download shards of ``out`` that hold a failed URL (and the folder's DONE
+    marker), so the next `download` fetches them again; returns the shard names."""
+    forgotten = []
+    for name in fs.ls(out, ".parquet"):
+        shard = name[: -len(".parquet")]
+        status = fs.read_parquet(fs.join(out, name), ["status"])["status"].to_pylist()
+        if any(st != "success" for st in status):
+            for suffix in ("_stats.json", ".parquet", ".tar"):  # stats first: "not finished"
+                fs.remove(fs.join(out, shard + suffix))
+            forgotten.append(shard)
+    if forgotten:
+        fs.remove(fs.join(out, DONE))
+    return forgotten
 
 
 def _run(args: argparse.Namespace, run_ingest: Callable) -> int:
@@ -304,7 +324,9 @@ def _run(args: argparse.Namespace, run_ingest: Callable) -> int:
         retries=args.retries,
     )
     store = Store(args.store)
-    samples = url_samples(args.src, store, args.url_col, args.caption_col, cfg)
+    samples = url_samples(
+        args.src, store, args.url_col, args.caption_col, cfg, retry_errors=args.retry_errors
+    )
     settings = {
         "src": args.src,
         "url_col": args.url_col,

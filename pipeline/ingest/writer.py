@@ -219,12 +219,41 @@ def ingest(
     shard numbers are never taken twice. ``retry_errors``: keys stored as error rows are read
     from the source again; the new row goes to a new shard and the old error row is dropped.
     """
+    start = time.perf_counter()
+    store.check_root()
+    summary = IngestSummary(source=source)
+    # Decode processes are forked before the lease's renewal thread starts (forking while a
+    # thread holds a lock can leave the child stuck on it).
+    pool = None
+    if cfg.workers > 1:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        pool = ctx.Pool(cfg.workers)
+    try:
+        _ingest_locked(store, samples, source, cfg, settings, progress, retry_errors, pool, summary)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _ingest_locked(
+    store: Store,
+    samples: Iterable[RawSample],
+    source: str,
+    cfg: IngestConfig,
+    settings: dict[str, Any] | None,
+    progress: bool,
+    retry_errors: bool,
+    pool,
+    summary: IngestSummary,
+) -> None:
+    """`ingest` under the store's ingest lease."""
     from pipeline.lease import INGEST
     from pipeline.repair import clean_ingest, drop_superseded_errors
 
     start = time.perf_counter()
-    store.check_root()
-    summary = IngestSummary(source=source)
     with store.lease(INGEST) as lease:
         store.create()
         for line in clean_ingest(store):
@@ -249,15 +278,8 @@ def ingest(
                 yield s
 
         bar = tqdm(desc=f"ingest {source}", unit="img", disable=not progress, smoothing=0.05)
-        pool = None
         try:
-            if cfg.workers > 1:
-                ctx = (
-                    mp.get_context("fork")
-                    if "fork" in mp.get_all_start_methods()
-                    else mp.get_context()
-                )
-                pool = ctx.Pool(cfg.workers)
+            if pool is not None:
                 results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
             else:
                 results = map(_Processor(cfg), fresh())
@@ -287,15 +309,10 @@ def ingest(
             ) from e
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
             try:
                 store.refresh_manifest()
             except OSError as e:  # disk full: the records are safe, the manifest is derived
                 log.warning("manifest.json not updated (%s); any later run rebuilds it", e)
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _bounded_imap(pool, fn: Callable, items: Iterable, window: int) -> Iterator:

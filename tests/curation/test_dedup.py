@@ -119,7 +119,7 @@ def test_dedup_needs_scores(photos_dir, tmp_path, make_store, capsys):
     assert main(["dedup", "--store", store.root, "--phash-threshold", "40"]) == 2
     assert "--phash-threshold must be in 0..32" in capsys.readouterr().err
     assert main(["dedup", "--store", store.root, "--nprobe", "0"]) == 2
-    assert "--nprobe and --phash-nprobe must be >= 1" in capsys.readouterr().err
+    assert "argument --nprobe: must be > 0, got 0" in capsys.readouterr().err
 
 
 def test_cli_dedup_prints_summary(scored_store, capsys):

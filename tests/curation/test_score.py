@@ -259,7 +259,7 @@ def test_cli_errors_are_one_line(scored_store, capsys):
     assert len(err) == 3
     assert (
         "unknown clip preset" in err[0]
-        and "--batch-size must be >= 1" in err[1]
+        and "argument --batch-size: must be > 0, got 0" in err[1]
         and "--tag 'dedup'" in err[2]
     )
 

@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,6 +77,22 @@ def test_urls_downloads_with_img2dataset_and_records_every_failure(
     assert main(args) == 0
     assert "nothing new" in capsys.readouterr().out
     assert Store(str(store_dir)).shards() == ["000000"]
+
+    # The 404 works later: --retry-errors downloads the failed URLs' shard again and replaces
+    # their error rows; what still fails stays one error row per URL.
+    root = http_server[1]
+    shutil.copy(root / "photos" / "sam_dog.jpg", root / "missing.jpg")
+    try:
+        assert main([*args, "--retry-errors"]) == 0
+    finally:
+        (root / "missing.jpg").unlink()
+    out = capsys.readouterr().out
+    assert "retried 3 earlier error row(s)" in out and "(1 ok, 2 errors)" in out
+    meta = _meta(store_dir)
+    assert len(meta) == 7 and len({r["key"] for r in meta.values()}) == 7
+    assert meta[f"{base}/missing.jpg"]["status"] == "ok"
+    st = Store(str(store_dir))
+    assert [st.status("ingest", s)["errors"] for s in st.shards()] == [0, 2]  # old rows dropped
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet", "txt"])
