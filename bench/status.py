@@ -186,7 +186,7 @@ def endpoint(shards: int, name: str, tmp: Path):
         ep.stop()
 
 
-def big_store(ep: Endpoint, root: str, n: int, results: list) -> None:
+def big_store(ep: Endpoint, root: str, n: int, results: list, only_noop: bool = False) -> None:
     """The measurements on the big store, after its first indexes are written."""
     from pipeline import fs, manifest
     from pipeline.stage import StageSpec, run_stage
@@ -204,13 +204,17 @@ def big_store(ep: Endpoint, root: str, n: int, results: list) -> None:
         )
     measure(ep, f"manifest write + index upload ({n} shards x 9)", st.refresh_manifest, results)
     stage = STAGES[0]
-    measure(ep, "manifest show (fresh process state)", lambda: manifest.show(Store(root)), results)
+    if not only_noop:
+        measure(ep, "manifest show (fresh process state)", lambda: manifest.show(Store(root)),
+                results)  # fmt: skip
     spec = StageSpec(stage=stage, worker_cls=_NeverCalled, worker_kwargs={},
                      settings={"model": stage})  # fmt: skip
     summary = measure(ep, f"no-op stage run ({stage})",
                       lambda: run_stage(Store(root), spec, progress=False, use_ray=False),
                       results)  # fmt: skip
     assert len(summary.skipped) == n and not summary.done, summary.lines()
+    if only_noop:
+        return
     measure(ep, "one full refresh (all 9 stages, fresh process state)",
             lambda: Store(root).refresh_manifest(), results)  # fmt: skip
     st = Store(root)
@@ -226,6 +230,7 @@ def main() -> int:
     p.add_argument("--shards", type=int, default=25_000)
     p.add_argument("--first-build-shards", type=int, default=300)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only-noop", action="store_true", help="skip show and the refreshes")
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prefix", default="store", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -243,7 +248,7 @@ def main() -> int:
         measure(ep, f"first index build + manifest ({args.first_build_shards} shards x 9)",
                 lambda: Store(root).refresh_manifest(), results)  # fmt: skip
     with endpoint(args.shards, "big", tmp) as (ep, root):
-        big_store(ep, root, args.shards, results)
+        big_store(ep, root, args.shards, results, args.only_noop)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"shards": args.shards, "results": results}, indent=1)

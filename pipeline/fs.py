@@ -181,6 +181,18 @@ class ListingSnapshot:
         self.entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._tokens: list[contextvars.Token] = []
 
+    def prefetch(self, urls: list[str]) -> None:
+        """List the folders ``urls`` concurrently into the snapshot (on S3 each listing is a
+        chain of requests, one per 1,000 files; chains of different folders need not wait)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(url: str) -> None:
+            fsys, path = filesystem(url)
+            self.entries[_folder_key(fsys, path)] = _list(fsys, path)
+
+        with ThreadPoolExecutor(max(1, min(8, len(urls)))) as pool:
+            list(pool.map(one, urls))
+
     def __enter__(self) -> ListingSnapshot:
         self._tokens.append(_SNAPSHOT.set(self))
         return self
@@ -206,14 +218,18 @@ def _entries(url: str) -> list[dict[str, Any]]:
     key = _folder_key(fsys, path)
     if snap is not None and key in snap.entries:
         return snap.entries[key]
-    fsys.invalidate_cache(path)
-    try:
-        entries = fsys.ls(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        entries = []
+    entries = _list(fsys, path)
     if snap is not None:
         snap.entries[key] = entries
     return entries
+
+
+def _list(fsys: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    fsys.invalidate_cache(path)
+    try:
+        return fsys.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _written(fsys: fsspec.AbstractFileSystem, path: str) -> None:

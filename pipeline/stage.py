@@ -300,6 +300,9 @@ def run_stage(
     # Start-up reads each folder once (on S3 a listing is a request per 1,000 files): its
     # listings are shared until this run writes into the folder. Workers then list afresh.
     snapshot = fs.ListingSnapshot()
+    snapshot.prefetch(
+        [store.status_dir("ingest"), store.status_dir(spec.stage), store.stage_dir(spec.stage)]
+    )
     with snapshot:
         ingest = store.completed("ingest")
         ingested = sorted(ingest)
