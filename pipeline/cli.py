@@ -45,13 +45,14 @@ _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.E
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types printed as one line instead of a traceback."""
-    from pipeline.fs import UnreadableFile
+    from pipeline.fs import StorageError, UnreadableFile
     from pipeline.ingest.folder import SourceError
     from pipeline.store import StoreError
 
     types: list[type[BaseException]] = [
         UserError,
         StoreError,
+        StorageError,
         SourceError,
         UnreadableFile,
         FileNotFoundError,
@@ -94,7 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command group not built in this checkout
             raise
         module.register(sub)
+    _add_storage_options(parser)
     return parser
+
+
+def _add_storage_options(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--storage-options JSON`` on the top level and on every command that takes ``--store``
+    (so it can stand next to the store URL); `main` exports it for subprocesses and workers."""
+    help_text = (
+        "JSON object of fsspec options for an object store, e.g. "
+        '\'{"endpoint_url": "http://127.0.0.1:9000", "anon": false}\' or \'{"profile": "lab"}\' '
+        "(default: $ALPHASET_STORAGE_OPTIONS)"
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_storage_options(child, top=False)
+    if top:
+        parser.add_argument("--storage-options", default=None, metavar="JSON", help=help_text)
+    elif any("--store" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--storage-options", default=argparse.SUPPRESS, metavar="JSON", help=help_text
+        )
 
 
 def positive_int(text: str) -> int:
@@ -180,9 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from pipeline import fs
+
     try:
         try:
+            if args.storage_options is not None:
+                os.environ[fs.STORAGE_OPTIONS_ENV] = args.storage_options  # workers inherit it
+                fs.storage_options()  # a bad value fails here, before any work
             return int(args.func(args) or 0)
+        except Exception as e:  # object-store credentials/endpoint failures: one line too
+            err = fs.storage_error(e)
+            if err is None or err is e:
+                raise
+            raise err from e
         finally:
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
     except BrokenPipeError:

@@ -232,6 +232,7 @@ def pending_shards(
     spec: StageSpec,
     redo: dict[str, str] | None = None,
     options: RunOptions | None = None,
+    ingested: list[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(to do, already done) for a stage.
 
@@ -239,9 +240,10 @@ def pending_shards(
     with the recorded size (one listing of the output folder, no reads); with
     ``options.verify_done`` its checksum is recomputed too, with ``options.retry_errors`` a
     shard with error rows is redone. Shards redone for such a reason are added to ``redo``.
+    ``ingested``: the store's shards, when the caller has read them already.
     """
     options = options or _options
-    ingested = store.shards()
+    ingested = store.shards() if ingested is None else ingested
     wanted = spec.shards if spec.shards is not None else ingested
     missing = sorted(set(wanted) - set(ingested))
     if missing:
@@ -303,17 +305,27 @@ def run_stage(
 
     start = time.perf_counter()
     store.require()
-    pending_shards(store, spec, options=RunOptions())  # 1. check the shard list, write nothing
-    with store.lease(spec.stage) as lease:
-        # 2. under the lease: clear what crashed runs of this stage left, record the settings
-        for line in clean_stage(store, spec.stage):
-            log.warning("%s", line)
-        store.claim_stage(spec.stage, spec.settings)
-        summary = StageSummary(stage=spec.stage)
-        todo, summary.skipped = pending_shards(store, spec, summary.redo)
-        for shard in summary.redo:  # not done any more until redone
-            fs.remove(store.status_url(spec.stage, shard))
+    # Start-up reads each folder once (on S3 a listing is a request per 1,000 files): its
+    # listings are shared until this run writes into the folder. Workers then list afresh.
+    snapshot = fs.ListingSnapshot()
+    snapshot.prefetch(
+        [store.status_dir("ingest"), store.status_dir(spec.stage), store.stage_dir(spec.stage)]
+    )
+    with snapshot:
         ingest = store.completed("ingest")
+        ingested = sorted(ingest)
+        # 1. check the shard list, write nothing (no checksums read: default options)
+        pending_shards(store, spec, options=RunOptions(), ingested=ingested)
+    with store.lease(spec.stage) as lease:
+        with snapshot:
+            # 2. under the lease: clear what crashed runs of this stage left, record the settings
+            for line in clean_stage(store, spec.stage):
+                log.warning("%s", line)
+            store.claim_stage(spec.stage, spec.settings)
+            summary = StageSummary(stage=spec.stage)
+            todo, summary.skipped = pending_shards(store, spec, summary.redo, ingested=ingested)
+            for shard in summary.redo:  # not done any more until redone
+                fs.remove(store.status_url(spec.stage, shard))
         total_rows = sum(ingest[s].get("ok", 0) for s in todo)
         bar = tqdm(
             total=total_rows, desc=spec.stage, unit="row", disable=not progress, smoothing=0.1
@@ -335,7 +347,9 @@ def run_stage(
         finally:
             bar.close()
             try:
-                store.refresh_manifest()
+                # Only this stage's records can have changed: list it again (if anything ran);
+                # the other stages keep their manifest entries.
+                store.refresh_manifest(stages=[spec.stage] if todo else [])
             except OSError as e:  # disk full: the records are safe, the manifest is derived
                 summary.notes.append(
                     f"manifest.json not updated ({e.strerror or e}); any later run rebuilds it"

@@ -16,27 +16,53 @@ duckdb reading a whole folder (``pl.read_parquet("STORE/meta")``) see only the P
 Workers write their output file(s), then the status record (each atomically). The manifest is
 rebuilt from status records by drivers, so a crash between a shard's write and the manifest
 update loses nothing, and concurrent workers never race on a shared file.
+
+Reading a stage's state must not cost one request per shard (25,000 shards × 8 stages on S3
+would be hours of GETs). Each stage folder therefore holds a **status index**,
+``_status/<stage>/_index.json.gz``: every record of the stage plus the listing fingerprint
+(ETag/size/mtime) it was read under. The records stay the truth: a reader lists the folder (one
+request per 1,000 records), re-reads only the records whose fingerprint is new or changed
+(concurrently), and drops those that vanished. A Store keeps its indexes in memory, so a second
+look in the same process costs only the listing; drivers persist changed indexes when they
+refresh the manifest, and nothing else writes them (read-only commands keep working on a
+read-only copy).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import hashlib
 import io
 import json
+import logging
+import re
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import __version__, fs
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 STATUS_DIR = "_status"
 QUARANTINE_DIR = "_quarantine"
 CONFIG_NAME = "config.json"
+INDEX_NAME = "_index.json.gz"
+INDEX_VERSION = 1
+# Below this many records a stage keeps no index object: reading them (concurrently) costs about
+# one round trip, as the index would, and a small store stays a few files smaller.
+INDEX_MIN_RECORDS = 100
+_RECORD_NAME = re.compile(r"^(\d+)\.json$")
+# What manifest.json keeps of each status record.
+_MANIFEST_INGEST_FIELDS = ("rows", "ok", "errors", "source", "checksum", "time")
+_MANIFEST_STAGE_FIELDS = ("rows", "ok", "errors", "checksum", "time")
 STAGE_KINDS = ("captions", "scores", "embeddings", "features", "edges")
 
 # One schema for every meta shard, whatever the source, so a folder of shards reads as one table.
@@ -103,6 +129,24 @@ class Store:
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
+        # In-process caches (never pickled): status indexes by stage, the background refresh.
+        self._indexes: dict[str, _StageIndex] = {}
+        self._lock = threading.RLock()  # index updates: a background refresh and the caller
+        self._refresher: threading.Thread | None = None
+        self._refresher_lock = threading.Lock()
+        self._bucket_checked = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self.__post_init__()
+
+    def _check_bucket(self) -> None:
+        if not self._bucket_checked:
+            fs.check_bucket(self.root)
+            self._bucket_checked = True
 
     # ---- paths -------------------------------------------------------------------------------
     def url(self, *parts: str) -> str:
@@ -135,6 +179,7 @@ class Store:
 
     def check_root(self) -> None:
         """A `StoreError` naming the path when the store root is a file (or under one)."""
+        self._check_bucket()  # an object store's bucket must exist: never created by accident
         fsys, path = fs.filesystem(self.root)
         try:
             if fsys.exists(path) and not fsys.isdir(path):
@@ -145,7 +190,7 @@ class Store:
             ) from None
 
     def create(self) -> None:
-        """Create an empty store (idempotent)."""
+        """Create an empty store (idempotent). On an object store the bucket must exist."""
         self.check_root()
         if not self.exists():
             try:
@@ -155,6 +200,7 @@ class Store:
             self.write_manifest(self._empty_manifest())
 
     def require(self) -> None:
+        self._check_bucket()
         if not self.exists():
             raise StoreError(
                 f"no store at {self.root} (no manifest.json); create one with 'alphaset ingest … --store {self.root}'"
@@ -193,32 +239,94 @@ class Store:
         return rec
 
     def status(self, stage: str, shard: str) -> dict[str, Any] | None:
-        url = self.status_url(stage, shard)
-        if not fs.exists(url):
+        try:
+            return _load_record(self.status_url(stage, shard))
+        except FileNotFoundError:
             return None
-        return _load_record(url)
 
     def completed(
         self, stage: str, problems: list[tuple[str, str]] | None = None
     ) -> dict[str, dict[str, Any]]:
-        """All status records of a stage, by shard name.
+        """All status records of a stage, by shard name: what the store holds now, read through
+        the stage's status index (a listing plus the records that changed since).
 
         An unreadable record is a `StoreError` naming the file (and ``manifest repair``), unless
         ``problems`` is given: then it is listed there as ``(url, message)`` and left out.
         """
-        out = {}
+        with self._lock:
+            return dict(self._index(stage, problems).records)
+
+    def completed_all(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """`completed` of ``ingest`` and of every stage, the listings run concurrently (on S3 a
+        listing is a round trip per 1,000 records; nine stages need not wait for each other)."""
+        stages = ["ingest", *self.stages()]
+        with self._lock, ThreadPoolExecutor(min(8, len(stages))) as pool:
+            indexes = list(pool.map(self._index, stages))
+            return {stage: dict(idx.records) for stage, idx in zip(stages, indexes, strict=True)}
+
+    def _index(self, stage: str, problems: list[tuple[str, str]] | None = None) -> _StageIndex:
+        """Bring the in-memory index of ``stage`` up to date with the records (caller holds the
+        lock). A record that does not parse stays out of the index (and is read again next time)."""
         folder = self.status_dir(stage)
-        for name in fs.ls(folder, ".json"):
-            shard = name[: -len(".json")]
-            if shard.isdigit():
-                url = fs.join(folder, name)
+        names = fs.listing(folder)
+        idx = self._indexes.get(stage)
+        if idx is None:
+            idx = self._load_index(stage) if INDEX_NAME in names else _StageIndex()
+            self._indexes[stage] = idx
+        marks = {m.group(1): fp for n, fp in names.items() if (m := _RECORD_NAME.match(n))}
+        gone = [s for s in idx.marks if s not in marks]
+        changed = [s for s, fp in marks.items() if idx.marks.get(s) != fp]
+        for s in gone:
+            del idx.records[s], idx.marks[s]
+        if changed:
+            urls = {fs.join(folder, s + ".json"): s for s in changed}
+            got = fs.read_many(list(urls))
+            for url, data in got.items():
                 try:
-                    out[shard] = _load_record(url)
+                    rec = _parse_record(url, data)
                 except StoreError as e:
+                    idx.records.pop(urls[url], None)
+                    idx.marks.pop(urls[url], None)
+                    idx.dirty = True
                     if problems is None:
                         raise
                     problems.append((url, str(e)))
-        return out
+                    continue
+                idx.records[urls[url]] = rec
+                idx.marks[urls[url]] = marks[urls[url]]
+            log.debug("%s: %d status record(s) read, %d gone", stage, len(got), len(gone))
+        if gone or changed:
+            idx.dirty = True
+        return idx
+
+    def _load_index(self, stage: str) -> _StageIndex:
+        url = fs.join(self.status_dir(stage), INDEX_NAME)
+        try:
+            doc = json.loads(gzip.decompress(fs.read_bytes(url)))
+        except FileNotFoundError:
+            return _StageIndex()
+        except (OSError, EOFError, ValueError) as e:  # a damaged index is rebuilt from the records
+            log.warning("%s unreadable (%s); rebuilding it from the status records", url, e)
+            return _StageIndex()
+        if doc.get("version") != INDEX_VERSION:
+            return _StageIndex()
+        return _StageIndex(records=doc["records"], marks=doc["marks"], dirty=False)
+
+    def _save_index(self, stage: str) -> None:
+        """Persist the index of ``stage`` if it changed since it was read (drivers only)."""
+        idx = self._indexes.get(stage)
+        if idx is None or not idx.dirty or len(idx.records) < INDEX_MIN_RECORDS:
+            return
+        doc = {
+            "version": INDEX_VERSION,
+            "stage": stage,
+            "written": now_iso(),
+            "records": idx.records,
+            "marks": idx.marks,
+        }
+        data = gzip.compress(json.dumps(doc, sort_keys=True).encode(), compresslevel=5)
+        fs.atomic_write(fs.join(self.status_dir(stage), INDEX_NAME), data)
+        idx.dirty = False
 
     def shards(self) -> list[str]:
         """Ingested (complete) shard names, in order."""
@@ -227,7 +335,8 @@ class Store:
     def stages(self) -> list[str]:
         """Every ``<kind>/<tag>`` present in the store."""
         out = []
-        for kind in STAGE_KINDS:
+        present = set(fs.ls(self.url(STATUS_DIR)))  # one listing instead of one per kind
+        for kind in (k for k in STAGE_KINDS if k in present):
             for tag in fs.ls(self.url(STATUS_DIR, kind)):
                 if not tag.startswith((".", "_")):
                     out.append(f"{kind}/{tag}")
@@ -244,12 +353,15 @@ class Store:
         """The writer lease ``name`` (``ingest`` or a ``<kind>/<tag>``) of this store."""
         from pipeline.lease import Lease
 
+        self._check_bucket()
         return Lease(self.root, name, **kwargs)
 
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
-        url = fs.join(self.status_dir(stage), CONFIG_NAME)
-        return _load_record(url) if fs.exists(url) else None
+        try:
+            return _load_record(fs.join(self.status_dir(stage), CONFIG_NAME))
+        except FileNotFoundError:
+            return None
 
     def claim_stage(self, stage: str, settings: dict[str, Any]) -> None:
         """Record the settings of ``stage``; refuse to mix outputs made with other settings."""
@@ -314,9 +426,12 @@ class Store:
         }
 
     def read_manifest(self) -> dict[str, Any]:
-        self.require()
+        self._check_bucket()
         try:
             m = json.loads(fs.read_text(self.manifest_url))
+        except FileNotFoundError:
+            self.require()  # the one-line "no store at …" error
+            raise
         except ValueError as e:
             raise StoreError(
                 f"{self.manifest_url} is not valid JSON ({e}); rebuild it from the status records "
@@ -337,44 +452,105 @@ class Store:
         manifest["updated"] = now_iso()
         fs.atomic_write(self.manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
 
-    def refresh_manifest(self) -> dict[str, Any]:
+    def refresh_manifest(
+        self, stages: list[str] | None = None, background: bool = False
+    ) -> dict[str, Any] | None:
         """Rebuild the manifest's shard and stage tables from the status records (drivers only).
 
-        A manifest that cannot be read is rebuilt from scratch: it holds nothing the status
-        records do not (its ``created`` time is the only loss).
+        Reads each stage through its status index and persists the indexes that changed; the
+        manifest is rewritten only when its tables changed. ``stages`` limits the listing to the
+        stages a run could have changed (``["captions/tiny"]``; ``"ingest"`` for the shard table):
+        the others keep what this Store read of them during the run, else the manifest's entry.
+        None (the default) re-reads every stage. ``background=True`` starts the
+        refresh in a thread and returns at once (None), so a scheduling loop never waits on the
+        store; a later blocking call waits for it first. A manifest that cannot be read is rebuilt
+        from scratch: it holds nothing the status records do not (its ``created`` time is the
+        only loss).
         """
+        if background:
+            with self._refresher_lock:
+                if self._refresher is None or not self._refresher.is_alive():
+                    self._refresher = threading.Thread(
+                        target=self._refresh_logged,
+                        args=(stages,),
+                        name="manifest-refresh",
+                        daemon=True,
+                    )
+                    self._refresher.start()
+            return None
+        if self._refresher is not None:
+            self._refresher.join()
+        return self._refresh(stages)
+
+    def _refresh_logged(self, stages: list[str] | None) -> None:
         try:
-            m = self.read_manifest() if self.exists() else self._empty_manifest()
-        except StoreError:
-            m = self._empty_manifest()
-        shards = {}
-        for shard, rec in self.completed("ingest").items():
-            shards[shard] = {
-                k: rec.get(k) for k in ("rows", "ok", "errors", "source", "checksum", "time")
-            }
-        m["shards"] = shards
-        stages = {}
-        for stage in self.stages():
-            done = self.completed(stage)
-            cfg = self.stage_config(stage) or {}
-            stages[stage] = {
-                "settings": cfg.get("settings"),
-                "tool_version": cfg.get("tool_version"),
-                "created": cfg.get("created"),
-                "shards": {
-                    s: {k: r.get(k) for k in ("rows", "ok", "errors", "checksum", "time")}
-                    for s, r in done.items()
-                },
-            }
-        m["stages"] = stages
-        self.write_manifest(m)
-        return m
+            self._refresh(stages)
+        except Exception as e:  # a background refresh retries at the next call; never fatal
+            log.warning("manifest refresh failed (the next one retries): %s", e)
+
+    def _refresh(self, only: list[str] | None = None) -> dict[str, Any]:
+        with self._lock:
+            try:
+                m = self.read_manifest()
+            except StoreError:
+                self._check_bucket()
+                m = self._empty_manifest()
+            present = self.stages()
+            if only is None:
+                relist = ["ingest", *present]
+            else:
+                relist = [s for s in ("ingest", *present) if s in only]
+            if relist:
+                with ThreadPoolExecutor(min(8, len(relist))) as pool:  # listings in parallel
+                    list(pool.map(self._index, relist))
+            if "ingest" in self._indexes:
+                shards = {
+                    s: {k: r.get(k) for k in _MANIFEST_INGEST_FIELDS}
+                    for s, r in sorted(self._indexes["ingest"].records.items())
+                }
+            else:
+                shards = m.get("shards", {})
+            tables: dict[str, Any] = {}
+            for stage in present:
+                if stage not in self._indexes:
+                    if stage in m.get("stages", {}):
+                        tables[stage] = m["stages"][stage]
+                        continue
+                    self._index(stage)  # new since the manifest was written
+                cfg = self.stage_config(stage) or {}
+                tables[stage] = {
+                    "settings": cfg.get("settings"),
+                    "tool_version": cfg.get("tool_version"),
+                    "created": cfg.get("created"),
+                    "shards": {
+                        s: {k: r.get(k) for k in _MANIFEST_STAGE_FIELDS}
+                        for s, r in sorted(self._indexes[stage].records.items())
+                    },
+                }
+            if m.get("shards") != shards or m.get("stages") != tables or "updated" not in m:
+                m["shards"], m["stages"] = shards, tables
+                self.write_manifest(m)
+            for stage in list(self._indexes):
+                self._save_index(stage)
+            return m
+
+
+@dataclass
+class _StageIndex:
+    """One stage's status records and the listing fingerprint each was read under."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    marks: dict[str, str] = field(default_factory=dict)
+    dirty: bool = True  # differs from the persisted index object
 
 
 def _load_record(url: str) -> dict[str, Any]:
     """A JSON record file (status record, stage config) as a dict; a `StoreError` naming the
     file when it is not one."""
-    text = fs.read_bytes(url)
+    return _parse_record(url, fs.read_bytes(url))
+
+
+def _parse_record(url: str, text: bytes) -> dict[str, Any]:
     try:
         rec = json.loads(text)
     except ValueError as e:

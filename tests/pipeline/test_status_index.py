@@ -1,0 +1,216 @@
+"""The per-stage status index: records stay the truth, the index only saves requests.
+
+Locally the tests check what the index returns after records are added, rewritten, deleted and
+after the index itself is damaged; on the moto S3 endpoint they count the HTTP requests a stage's
+state costs, which must not grow with the number of shards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from pipeline import fs, manifest
+from pipeline.store import INDEX_MIN_RECORDS, INDEX_NAME, Store
+
+STAGE = "captions/t"
+
+
+def _make_store(root: str, shards: int, stage_shards: int) -> Store:
+    """A store with ``shards`` ingest records and ``stage_shards`` records (and small output
+    files) of STAGE, written in one concurrent batch (records as the workers write them)."""
+    store = Store(root)
+    store.create()
+    store.claim_stage(STAGE, {"model": "t"})
+    files: dict[str, bytes] = {}
+    for stage, n in (("ingest", shards), (STAGE, stage_shards)):
+        for i in range(n):
+            shard = f"{i:06d}"
+            rec = {"stage": stage, "shard": shard, "rows": 9, "ok": 9, "errors": 0}
+            if stage != "ingest":
+                files[store.url(STAGE, f"{shard}.parquet")] = b"output"
+                rec["output_bytes"] = len(b"output")
+            files[store.status_url(stage, shard)] = json.dumps(rec).encode()
+    for folder in (store.status_dir("ingest"), store.status_dir(STAGE), store.url(STAGE)):
+        fs.makedirs(folder)  # a local store's folders (none on S3)
+    fsys, _ = fs.filesystem(root)
+    fsys.pipe({fsys._strip_protocol(u): data for u, data in files.items()})
+    return store
+
+
+def _index_bytes(store: Store, stage: str) -> bytes:
+    return fs.read_bytes(fs.join(store.status_dir(stage), INDEX_NAME))
+
+
+def test_index_follows_the_records(tmp_path, caplog):
+    n = INDEX_MIN_RECORDS + 4
+    store = _make_store(str(tmp_path / "s"), shards=n + 2, stage_shards=n)
+    store.refresh_manifest()
+    doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
+    assert sorted(doc["records"]) == [f"{i:06d}" for i in range(n)]
+    assert sorted(doc["marks"]) == sorted(doc["records"])
+
+    # Another process rewrites one record, adds one and deletes one: a fresh Store that starts
+    # from the persisted index sees exactly the records.
+    other = Store(store.root)
+    other.write_status(STAGE, "000001", {"rows": 123456, "errors": 7})
+    other.write_status(STAGE, f"{n:06d}", {"rows": 9, "errors": 0})
+    fs.remove(store.status_url(STAGE, "000002"))
+    fresh = Store(store.root)
+    done = fresh.completed(STAGE)
+    expected = sorted({f"{i:06d}" for i in range(n + 1)} - {"000002"})
+    assert sorted(done) == expected
+    assert done["000001"]["rows"] == 123456
+    # ... and so does the Store that built the index (its in-memory copy is checked too).
+    assert store.completed(STAGE) == done
+
+    # Reading does not write the index (read-only commands work on a read-only copy) …
+    before = _index_bytes(store, STAGE)
+    info = manifest.show(Store(store.root))
+    assert info["stages"][STAGE]["done"] == n
+    assert _index_bytes(store, STAGE) == before
+    # … a driver's refresh does, and the manifest follows.
+    m = fresh.refresh_manifest()
+    assert sorted(m["stages"][STAGE]["shards"]) == expected
+    doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
+    assert doc["records"]["000001"]["rows"] == 123456 and "000002" not in doc["records"]
+
+    # A damaged index is rebuilt from the records, with a warning.
+    fs.atomic_write(fs.join(store.status_dir(STAGE), INDEX_NAME), b"not gzip")
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        assert sorted(Store(store.root).completed(STAGE)) == sorted(done)
+    assert "rebuilding it from the status records" in caplog.text
+
+
+def test_background_refresh_then_blocking_refresh(tmp_path):
+    store = _make_store(str(tmp_path / "s"), shards=5, stage_shards=5)
+    assert store.refresh_manifest(background=True) is None  # returns at once
+    store.write_status(STAGE, "000004", {"rows": 8, "errors": 1})
+    m = store.refresh_manifest()  # waits for the background one, then reads the new record
+    assert m["stages"][STAGE]["shards"]["000004"]["rows"] == 8
+    assert (
+        json.loads(fs.read_text(store.manifest_url))["stages"][STAGE]["shards"]["000004"]["errors"]
+        == 1
+    )
+
+
+def test_store_pickles_without_its_caches(tmp_path):
+    import pickle
+
+    store = _make_store(str(tmp_path / "s"), shards=2, stage_shards=2)
+    store.completed(STAGE)
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy == store and copy._indexes == {}
+    assert sorted(copy.completed(STAGE)) == ["000000", "000001"]
+
+
+class _Requests:
+    """Counts the HTTP requests s3fs sends (botocore's before-send event), by method."""
+
+    def __init__(self, url: str):
+        fsys, _ = fs.filesystem(url)
+        fsys.connect()
+        self.calls: list[tuple[str, str]] = []
+        fsys.s3.meta.events.register("before-send.s3", self._hook)
+
+    def _hook(self, request, **kwargs):
+        self.calls.append((request.method, request.url))
+
+    def take(self) -> list[tuple[str, str]]:
+        out, self.calls = self.calls, []
+        return out
+
+
+@pytest.mark.parametrize("n", [INDEX_MIN_RECORDS])
+def test_stage_state_costs_constant_requests_on_s3(s3_bucket, n):
+    store = _make_store(f"{s3_bucket}/store", shards=n, stage_shards=n)
+    requests = _Requests(store.root)
+    store.refresh_manifest()  # first build: every record read once, concurrently
+    first = requests.take()
+    assert (
+        sum(1 for m, u in first if m == "GET" and u.endswith(".json") and "/_status/" in u) >= 2 * n
+    )
+
+    # A new process reading a stage's state: one listing and one index object, no record.
+    assert len(Store(store.root).completed(STAGE)) == n
+    calls = requests.take()
+    assert len(calls) <= 3, calls
+    assert not [u for _, u in calls if u.endswith(f"{n - 1:06d}.json")]
+
+    # Two records rewritten elsewhere: the listing shows them, only they are read again.
+    reader = Store(store.root)
+    reader.completed(STAGE)
+    Store(store.root).write_status(STAGE, "000003", {"rows": 1, "errors": 8})
+    Store(store.root).write_status(STAGE, "000007", {"rows": 2, "errors": 7})
+    requests.take()
+    done = reader.completed(STAGE)
+    calls = requests.take()
+    assert done["000003"]["errors"] == 8 and done["000007"]["errors"] == 7
+    assert len(calls) == 3, calls  # the listing + the two records
+
+    # `manifest show` on the whole store: a handful of requests, not one per shard.
+    Store(store.root).refresh_manifest()
+    requests.take()
+    info = manifest.show(Store(store.root))
+    calls = requests.take()
+    assert info["stages"][STAGE]["done"] == n and info["shards"] == n
+    assert len(calls) <= 12, calls
+
+
+def test_no_stale_listing_on_s3(s3_bucket):
+    """A record written after this process listed the stage is seen at the next look (s3fs's
+    listing cache once hid the records Ray actors wrote from the driver)."""
+    store = _make_store(f"{s3_bucket}/store", shards=3, stage_shards=1)
+    assert sorted(store.completed(STAGE)) == ["000000"]
+    Store(store.root).write_status(STAGE, "000001", {"rows": 9, "errors": 0})
+    assert sorted(store.completed(STAGE)) == ["000000", "000001"]
+    m = store.refresh_manifest()
+    assert sorted(m["stages"][STAGE]["shards"]) == ["000000", "000001"]
+
+
+def test_listing_snapshot_shares_listings_until_a_write(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.json").write_text("{}")
+    url = str(folder)
+    with fs.ListingSnapshot():
+        assert fs.ls(url) == ["a.json"]
+        (folder / "b.json").write_text("{}")  # behind this module's back: not seen yet
+        assert fs.ls(url) == ["a.json"] and sorted(fs.sizes(url)) == ["a.json"]
+        fs.atomic_write(fs.join(url, "c.json"), "{}")  # a write through fs: listed again
+        assert fs.ls(url) == ["a.json", "b.json", "c.json"]
+    (folder / "d.json").write_text("{}")
+    assert fs.ls(url) == ["a.json", "b.json", "c.json", "d.json"]  # no snapshot: always fresh
+
+
+class _NeverCalled:
+    """The worker of a no-op run: every shard is done, so it must not run."""
+
+    def __call__(self, shard: str) -> dict:
+        raise AssertionError(f"shard {shard} was not skipped")
+
+
+def test_noop_stage_run_requests_do_not_grow_with_shards_on_s3(s3_bucket):
+    from pipeline.stage import StageSpec, run_stage
+
+    counts = {}
+    for n in (INDEX_MIN_RECORDS, 2 * INDEX_MIN_RECORDS):
+        store = _make_store(f"{s3_bucket}/s{n}", shards=n, stage_shards=n)
+        spec = StageSpec(STAGE, _NeverCalled, {}, settings={"model": "t"})
+        run_stage(store, spec, progress=False, use_ray=False)  # builds the indexes
+        requests = _Requests(store.root)
+        summary = run_stage(Store(store.root), spec, progress=False, use_ray=False)
+        assert len(summary.skipped) == n and not summary.done
+        counts[n] = len(requests.take())
+    # One listing per folder (ingest records, stage records, stage outputs), whatever the count.
+    small, big = counts.values()
+    assert small == big and big < 40, counts
+
+
+def test_small_stages_keep_no_index_object(tmp_path):
+    store = _make_store(str(tmp_path / "s"), shards=3, stage_shards=3)
+    store.refresh_manifest()
+    assert not fs.exists(fs.join(store.status_dir(STAGE), INDEX_NAME))
+    assert sorted(Store(store.root).completed(STAGE)) == ["000000", "000001", "000002"]
