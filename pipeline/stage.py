@@ -481,8 +481,8 @@ def _run_ray(
                         spawn(slot)
                         continue
                 idle.append(slot)
-            if time.monotonic() - last_refresh > 30:
-                store.refresh_manifest()
+            if time.monotonic() - last_refresh > 30:  # off the loop: never waits on the store
+                store.refresh_manifest(stages=[spec.stage], background=True)
                 last_refresh = time.monotonic()
     finally:
         for a in actors:
