@@ -277,10 +277,10 @@ def test_bad_stores_and_checkpoints_say_why_in_the_page(serve, demo_store, tmp_p
     (notckpt / "readme.txt").write_text("hello")
     client, page = serve(store=missing, checkpoint=str(notckpt))
     assert f"Explore is off:** --store {missing}: no such folder" in page
-    assert f"Generate is off:** --checkpoint {notckpt}: not a checkpoint" in page
+    assert f"Generate is off:** --checkpoint {notckpt}: not a training checkpoint" in page
     with pytest.raises(AppError, match="no such folder"):
         client.predict(ALL, "", api_name="/explore")
-    with pytest.raises(AppError, match="not a checkpoint"):
+    with pytest.raises(AppError, match="not a training checkpoint"):
         _gen(client, size=None)  # no model: no size buckets to choose from
 
     empty = Store(str(tmp_path / "empty"))
