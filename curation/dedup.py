@@ -268,6 +268,24 @@ def cosine_pairs(
         return _ivf_cosine(chunks, n, threshold, nprobe, nlist, stats)
 
 
+def semantic_ivf(dim: int, nlist: int) -> Any:
+    """An untrained faiss inverted file for L2-normalised CLIP embeddings (inner product, fp16
+    codes): the index semantic dedup searches above its exhaustive limit, and the app's
+    "more like this" search too. Train it on about ``TRAIN_PER_CELL`` vectors per cell."""
+    import faiss
+
+    index = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatIP(dim),
+        dim,
+        nlist,
+        faiss.ScalarQuantizer.QT_fp16,
+        faiss.METRIC_INNER_PRODUCT,
+    )
+    index.cp.niter = KMEANS_ITERS
+    index.cp.max_points_per_centroid = TRAIN_PER_CELL
+    return index
+
+
 def _ivf_cosine(
     chunks: Callable[[], Iterable[np.ndarray]],
     n: int,
@@ -276,8 +294,6 @@ def _ivf_cosine(
     nlist: int | None,
     stats: dict[str, float] | None,
 ) -> Pairs:
-    import faiss
-
     parts = []
     nlist = _nlist(n, nlist)
     stride = max(1, n // (TRAIN_PER_CELL * nlist))
@@ -289,15 +305,7 @@ def _ivf_cosine(
         ]
     )
     dim = sample.shape[1]
-    index = faiss.IndexIVFScalarQuantizer(
-        faiss.IndexFlatIP(dim),
-        dim,
-        nlist,
-        faiss.ScalarQuantizer.QT_fp16,
-        faiss.METRIC_INNER_PRODUCT,
-    )
-    index.cp.niter = KMEANS_ITERS
-    index.cp.max_points_per_centroid = TRAIN_PER_CELL
+    index = semantic_ivf(dim, nlist)
     index.train(sample)
     del sample
     t1 = time.perf_counter()

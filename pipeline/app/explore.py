@@ -482,7 +482,7 @@ class SearchIndex:
     def build(cls, store: Store, tag: str) -> SearchIndex:
         import faiss
 
-        from curation.dedup import EXACT_LIMIT, KMEANS_ITERS, NPROBE, TRAIN_PER_CELL, _nlist
+        from curation.dedup import EXACT_LIMIT, NPROBE, TRAIN_PER_CELL, _nlist, semantic_ivf
 
         stage = f"embeddings/{tag}"
         keys: list[str] = []
@@ -508,15 +508,7 @@ class SearchIndex:
             method = "exhaustive"
         else:  # dedup's inverted file, for k nearest instead of a range
             nlist = _nlist(n, None)
-            index = faiss.IndexIVFScalarQuantizer(
-                faiss.IndexFlatIP(dim),
-                dim,
-                nlist,
-                faiss.ScalarQuantizer.QT_fp16,
-                faiss.METRIC_INNER_PRODUCT,
-            )
-            index.cp.niter = KMEANS_ITERS
-            index.cp.max_points_per_centroid = TRAIN_PER_CELL
+            index = semantic_ivf(dim, nlist)
             stride = max(1, n // (TRAIN_PER_CELL * nlist))
             index.train(np.ascontiguousarray(vectors[::stride]))
             index.nprobe = min(NPROBE, nlist)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from ports import free_port
 
 BYTES_COPY = "coffee_copy"  # a byte copy of the coffee photo: an exact duplicate group
 
@@ -97,12 +97,6 @@ def tiny_export(tmp_path_factory) -> dict[str, str]:
             p.data.normal_(0, 0.05)
     controlnet = save_controlnet(str(root / "controlnet.safetensors"), net)
     return {"export": str(export), "lora": lora, "controlnet": controlnet}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

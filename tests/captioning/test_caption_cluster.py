@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from ports import free_ports
 
 from pipeline.manifest import verify
 
@@ -29,16 +29,6 @@ class Cluster:
     env: dict  # environment of a client holding the token (HOME has .ray/auth_token)
     token: str
     root: Path
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _base_env(home: Path) -> dict:
@@ -60,7 +50,7 @@ def token_cluster():
         [RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60
     )
     token = (root / "home" / ".ray" / "auth_token").read_text().strip()
-    gcs, dash, client, agent = _free_ports(4)
+    gcs, dash, client, agent = free_ports(4)
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs)]
     cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2"]
     cmd += ["--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent)]

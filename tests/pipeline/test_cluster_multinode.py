@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,16 +84,6 @@ def drive(store: str, workers: int) -> None:
 
 
 # ---- the cluster ------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @dataclass
 class Cluster:
     root: Path
@@ -108,7 +97,9 @@ class Cluster:
         cmd += ["--temp-dir", str(self.root / f"ray-{name}"), "--disable-usage-stats"]
         cmd += ["--object-store-memory", str(80 * 2**20)]
         if head:
-            port, dash, client = _free_ports(3)
+            from ports import free_ports  # here: this file also runs as the stage's driver script
+
+            port, dash, client = free_ports(3)
             self.address = f"127.0.0.1:{port}"
             cmd += ["--head", "--port", str(port), "--dashboard-port", str(dash)]
             cmd += ["--ray-client-server-port", str(client), "--include-dashboard", "false"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
+from ports import free_port
 
 from pipeline.demo import write_demo_photos
 
@@ -52,14 +53,6 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _s3() -> s3fs.S3FileSystem:
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- one-line errors ----------------------------------------------------------------------------
@@ -111,7 +104,7 @@ def test_storage_failures_are_one_line(s3_bucket, tmp_path, capsys, monkeypatch)
     # JSON; an option s3fs does not take. In this process (main exports the option: restored).
     monkeypatch.setenv("ALPHASET_STORAGE_OPTIONS", "")
     opts = {
-        "endpoint_url": f"http://127.0.0.1:{_free_port()}",
+        "endpoint_url": f"http://127.0.0.1:{free_port()}",
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
     }
     for bad, message in (
@@ -128,7 +121,7 @@ def test_storage_failures_are_one_line(s3_bucket, tmp_path, capsys, monkeypatch)
 
 def test_access_denied_is_one_line(s3_env, tmp_path):
     """A second moto endpoint that checks credentials: the test keys are unknown to it."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "moto.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
