@@ -27,14 +27,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_train import free, sync, write_random_features  # noqa: E402
+from gpu_train import free, timed, write_random_features  # noqa: E402
 
 TAG = "random256"
 
@@ -181,14 +180,7 @@ def bare_img_per_s(kind: str, model: torch.nn.Module, tconfig: dict, batch: int,
             with torch.no_grad():
                 torch._foreach_lerp_(ema_t, list(net.parameters()), 0.05)
 
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return n * steps / (time.perf_counter() - start)
+    return n * steps / timed(step, warmup, steps, device)
 
 
 def main() -> None:

@@ -134,14 +134,7 @@ def bare_img_per_s(
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / timed(step, warmup, steps, device)
 
 
 def trainer_img_per_s(store: str, tag: str, out: str, preset: str, resolution: int, batch: int, steps: int,
@@ -167,6 +160,18 @@ def trainer_img_per_s(store: str, tag: str, out: str, preset: str, resolution: i
     return float(np.mean([r["img_per_s"] for r in timed])), float(
         np.mean([r["data_wait"] for r in timed])
     )
+
+
+def timed(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds that ``steps`` calls of ``step`` take after ``warmup`` untimed ones (synced)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def sync(device: torch.device) -> None:
