@@ -108,6 +108,7 @@ def _loop_settings(args: argparse.Namespace) -> dict:
     out = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "save_every": args.save_every, "seed": args.seed, "bf16": args.bf16,
+        "strategy": args.strategy,
     }  # fmt: skip
     if args.ema is not None:
         out["ema"] = args.ema
@@ -162,7 +163,11 @@ def _loop_flags(
     p.add_argument(
         "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
     )
-    p.add_argument("--workers", type=int, default=1, help="> 1: Ray Train workers (DDP)")
+    p.add_argument("--workers", type=int, default=1, help="> 1: Ray Train workers")
+    p.add_argument(
+        "--strategy", choices=("ddp", "fsdp"), default="ddp",
+        help="with several workers: DDP (whole model per worker) or FSDP (sharded)",
+    )  # fmt: skip
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker")
     p.add_argument("--quiet", action="store_true")
 

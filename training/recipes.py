@@ -49,6 +49,7 @@ def one_stage(
     bf16: bool = False,
     num_workers: int = 2,
     log_every: int = 10,
+    strategy: str = "ddp",
 ) -> RunConfig:
     """The run ``out`` (its parent = ``[run] dir``, its name = ``[run] name``) of one stage."""
     check_run_dir(out)  # before abspath turns s3://b/x into a local ./s3:/b/x
@@ -63,6 +64,7 @@ def one_stage(
         "mixed_precision": "bf16" if bf16 else "no",
         "num_workers": num_workers,
         "log_every": log_every,
+        "strategy": strategy,
     }
     return config_from_dict(
         {"run": run, "stage": [{k: v for k, v in stage.items() if v is not None}]}
