@@ -339,15 +339,26 @@ def open_read(url: str) -> IO[bytes]:
     return fs.open(path, "rb")
 
 
+def temp_name(path: str) -> str:
+    """The hidden, unique name a file is written under beside ``path`` before it is renamed
+    (``.NAME.tmp-XXXXXXXX``: readers' globs and the start-up clean-up know this pattern)."""
+    return f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _local_temp(path: str) -> str:
+    """A temp path beside local ``path``, its folder created."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, temp_name(path))
+
+
 @contextlib.contextmanager
 def atomic_open(url: str) -> Iterator[IO[bytes]]:
     """Open ``url`` for binary writing; the file appears under its name only if the block succeeds."""
     fs, path = filesystem(url)
     _written(fs, path)
     if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _local_temp(path)
         try:
             with open(tmp, "wb") as f:
                 yield f
@@ -372,7 +383,7 @@ def atomic_open(url: str) -> Iterator[IO[bytes]]:
             raise
         return
     # Other remote filesystems (sftp, hdfs…): a temp name beside the target, then a rename.
-    tmp = join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = join(os.path.dirname(path), temp_name(path))
     try:
         with fs.open(tmp, "wb") as f:
             yield f
@@ -395,9 +406,7 @@ def create_exclusive(url: str, data: bytes | str) -> bool:
     fsys, path = filesystem(url)
     _written(fsys, path)
     if isinstance(fsys, LocalFileSystem):
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = _local_temp(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
