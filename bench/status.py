@@ -1,5 +1,6 @@
 """Benchmark: what reading a big store's state costs on S3 — requests and seconds of `manifest
-show`, of a no-op stage run and of one manifest refresh, through the per-stage status index.
+show`, of a no-op stage run and of one manifest refresh, through the per-stage status index
+(sealed, as every writer leaves it when it ends: see `pipeline.store`).
 
 Store: --shards image shards, each done by 8 stages (two caption tags, scores, embeddings, dedup,
 two feature resolutions, edges): 9 status folders of --shards records each, with realistic
@@ -11,8 +12,9 @@ return 1,000 keys a page as S3 does (moto's default is 100: MOTO_S3_DEFAULT_MAX_
 Building the store over HTTP would take hours on moto (~150 PUT/s on 2 shared cores), so the
 child process writes the records straight into moto's in-memory backend and the bench writes the
 first status indexes from the records it generated (each under the listing fingerprint of its
-record, exactly what a first refresh would write). The first build over HTTP — every record
-read once, concurrently — is measured separately on a --first-build-shards store.
+record, exactly what a first refresh would write), sealed as a writer of each stage seals them
+when it ends. The first build over HTTP — every record read once, concurrently — is measured
+separately on a --first-build-shards store.
 
     .venv/bin/python bench/status.py --shards 25000
 """
@@ -192,7 +194,8 @@ def big_store(ep: Endpoint, root: str, n: int, results: list, only_noop: bool = 
     from pipeline.stage import StageSpec, run_stage
     from pipeline.store import Store, _StageIndex
 
-    # The first indexes, from the generated records (see the module docstring).
+    # The first indexes, from the generated records (see the module docstring), sealed the way
+    # a writer of each stage seals them when it ends (`Store.writing`).
     st = Store(root)
     generated: dict[str, dict] = {}
     for stage, shard, rec in _records(n):
@@ -200,9 +203,16 @@ def big_store(ep: Endpoint, root: str, n: int, results: list, only_noop: bool = 
     for stage, recs in generated.items():
         marks = fs.listing(st.status_dir(stage))
         st._indexes[stage] = _StageIndex(
-            records=recs, marks={s: marks[f"{s}.json"] for s in recs}, dirty=True
+            records=recs, marks={s: marks[f"{s}.json"] for s in recs}, dirty=True, trusted=True
         )
-    measure(ep, f"manifest write + index upload ({n} shards x 9)", st.refresh_manifest, results)
+
+    def set_up() -> None:
+        with contextlib.ExitStack() as writers:
+            for stage in generated:
+                writers.enter_context(st.writing(stage))
+            st.refresh_manifest()
+
+    measure(ep, f"manifest write + sealed index upload ({n} shards x 9)", set_up, results)
     stage = STAGES[0]
     if not only_noop:
         measure(ep, "manifest show (fresh process state)", lambda: manifest.show(Store(root)),
@@ -217,12 +227,17 @@ def big_store(ep: Endpoint, root: str, n: int, results: list, only_noop: bool = 
         return
     measure(ep, "one full refresh (all 9 stages, fresh process state)",
             lambda: Store(root).refresh_manifest(), results)  # fmt: skip
+    # A run of that stage in progress: its marker is up, its workers wrote 10 records; the
+    # driver's refresh of its own stage lists it and reads just those 10.
     st = Store(root)
     st.completed(stage)
-    for i in range(10):
-        Store(root).write_status(stage, f"{i:06d}", {"rows": 999, "ok": 999, "errors": 0})
-    measure(ep, "incremental refresh of that stage after 10 new records",
-            lambda: st.refresh_manifest(stages=[stage]), results)  # fmt: skip
+    with st.writing(stage) as run:
+        run.dispatch()
+        for i in range(10):
+            Store(root).write_status(stage, f"{i:06d}", {"rows": 999, "ok": 999, "errors": 0})
+        measure(ep, "refresh of a running stage after 10 new records",
+                lambda: st.refresh_manifest(stages=[stage]), results)  # fmt: skip
+        run.finish()
 
 
 def main() -> int:

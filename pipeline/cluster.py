@@ -171,6 +171,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     _embedded = True
 
 
+# The settings a stage's workers need to read the store as the driver does. Workers of an
+# embedded Ray inherit them; on a cluster they travel in the workers' runtime_env.
+FORWARDED_ENV = ("ALPHASET_STORAGE_OPTIONS", "ALPHASET_STATUS_READS")
+
+
+def worker_runtime_env() -> dict | None:
+    """The runtime_env for stage workers on a cluster: this process's ALPHASET_* store settings
+    (``--storage-options`` included), so nodes started elsewhere open the store the same way.
+    None on the embedded local Ray (its workers inherit this environment) or with none set.
+    Credentials are not forwarded: nodes use their own (instance roles, ``~/.aws``), or the
+    job's runtime_env."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env and not _embedded else None
+
+
 def is_embedded() -> bool:
     """Whether this process started the Ray it uses (so its nodes are all there will be)."""
     return _embedded

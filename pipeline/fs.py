@@ -239,19 +239,40 @@ def _written(fsys: fsspec.AbstractFileSystem, path: str) -> None:
         snap.entries.pop(_folder_key(fsys, path.rstrip("/").rsplit("/", 1)[0]), None)
 
 
+def _stem_entries(url: str, stem: str) -> list[dict[str, Any]]:
+    """The files directly in folder ``url`` whose names start with ``stem``: a prefix listing on
+    the object stores that have one (S3, GCS), else the folder's listing filtered. Never from a
+    `ListingSnapshot`: callers ask it to see what changed a moment ago."""
+    fsys, path = filesystem(url)
+    base = path.rstrip("/")
+    if protocol(url) in ("s3", "s3a", "gs", "gcs"):
+        fsys.invalidate_cache(base)
+        try:
+            found = fsys.find(base, prefix=stem, detail=True, withdirs=False, maxdepth=1)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except TypeError:  # a filesystem whose find() takes no prefix: the whole listing
+            found = {e["name"]: e for e in _list(fsys, base)}
+        return [e for e in found.values() if e["name"].rstrip("/").rsplit("/", 1)[0] == base]
+    return [
+        e for e in _list(fsys, base) if os.path.basename(e["name"].rstrip("/")).startswith(stem)
+    ]
+
+
 def ls(url: str, suffix: str = "") -> list[str]:
     """Sorted base names in folder ``url`` ending with ``suffix`` (empty list if it is missing)."""
     names = [os.path.basename(e["name"].rstrip("/")) for e in _entries(url)]
     return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
 
-def listing(url: str) -> dict[str, str]:
+def listing(url: str, stem: str = "") -> dict[str, str]:
     """``{base name: fingerprint}`` of the files in folder ``url`` (temp files excluded), from one
     listing (one request per 1,000 names on S3). A fingerprint changes whenever the file is
     rewritten (ETag/generation, size, modification time), so comparing two listings tells which
-    files to re-read without reading any."""
+    files to re-read without reading any. ``stem``: only the names that start with it — on an
+    object store a prefix listing, one request however many other files the folder holds."""
     out = {}
-    for e in _entries(url):
+    for e in _stem_entries(url, stem) if stem else _entries(url):
         if e.get("type") == "directory":
             continue
         name = os.path.basename(e["name"].rstrip("/"))

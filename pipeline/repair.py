@@ -20,6 +20,7 @@ The status records are the truth (see `pipeline.store`); everything else is made
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import logging
@@ -100,7 +101,12 @@ def clean_stage(store: Store, stage: str, when: str | None = None, keep: bool = 
     quarantined."""
     actions: list[str] = []
     when = when or stamp()
-    _clear_temps(store, [stage, f"{STATUS_DIR}/{stage}"], actions, when, keep)
+    # A writer that began from a sealed index with no marker in the folder (no killed writer
+    # since the seal) has nothing half-written among the records: no need to list them.
+    # (repair — keep — always looks.)
+    clean = store.sealed_clean(stage) and not keep
+    folders = [stage] if clean else [stage, f"{STATUS_DIR}/{stage}"]
+    _clear_temps(store, folders, actions, when, keep)
     ingested = set(store.shards())
     for shard, rec in sorted(store.completed(stage).items()):
         if shard not in ingested:
@@ -209,7 +215,9 @@ def repair(store: Store) -> dict[str, Any]:
     if not fs.exists(store.url("meta")) and not fs.exists(store.manifest_url):
         store.require()
     stages = store.stages()
-    with Leases(store.root, [INGEST, *stages]):
+    with Leases(store.root, [INGEST, *stages]), contextlib.ExitStack() as writing:
+        for stage in [INGEST, *stages]:  # sealed again from the records when repair ends
+            writing.enter_context(store.writing(stage))
         when = stamp()
         actions: list[str] = []
         actions.extend(_repair_records(store, "ingest", when))

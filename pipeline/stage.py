@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -183,6 +182,7 @@ class StageSummary:
     rows: int = 0
     errors: Counter = field(default_factory=Counter)
     retries: int = 0
+    lost: int = 0  # shards requeued because their worker's node was lost (not retries)
     seconds: float = 0.0
     redo: dict[str, str] = field(default_factory=dict)  # done shard -> why it is redone
     stopped: str | None = None  # why the run stopped early (disk full …)
@@ -198,6 +198,11 @@ class StageSummary:
             f"{self.stage}: {len(self.done)} shard(s) done, {len(self.skipped)} skipped as already done, "
             f"{len(self.failed)} failed; {self.rows} rows at {rate:.2f} rows/s; {self.retries} retries",
         ]
+        if self.lost:
+            out.append(
+                f"  requeued {self.lost} shard(s) whose worker was lost with its node "
+                "(not counted against --max-retries)"
+            )
         for why, n in Counter(self.redo.values()).most_common():
             out.append(f"  redone {n:>7}  done before, but {why}")
         for reason, n in self.errors.most_common():
@@ -222,9 +227,12 @@ class _Host:
     def run(self, shard: str) -> dict[str, Any]:
         return self.worker(shard)
 
-    def ready(self) -> int:
-        """Returns once ``__init__`` (the model load) has: the pool hands shards only after it."""
-        return os.getpid()
+    def ready(self) -> str:
+        """Returns once ``__init__`` (the model load) has: the pool hands shards only after it.
+        Its node's id: a shard lost with that node is requeued, not counted as an attempt."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
 
 def pending_shards(
@@ -307,16 +315,18 @@ def run_stage(
     store.require()
     # Start-up reads each folder once (on S3 a listing is a request per 1,000 files): its
     # listings are shared until this run writes into the folder. Workers then list afresh.
+    # (With sealed status indexes only the output folder is listed: see `pipeline.store`.)
     snapshot = fs.ListingSnapshot()
-    snapshot.prefetch(
-        [store.status_dir("ingest"), store.status_dir(spec.stage), store.stage_dir(spec.stage)]
-    )
+    folders = [store.stage_dir(spec.stage)]
+    if store.reads == "list":
+        folders[:0] = [store.status_dir("ingest"), store.status_dir(spec.stage)]
+    snapshot.prefetch(folders)
     with snapshot:
         ingest = store.completed("ingest")
         ingested = sorted(ingest)
         # 1. check the shard list, write nothing (no checksums read: default options)
         pending_shards(store, spec, options=RunOptions(), ingested=ingested)
-    with store.lease(spec.stage) as lease:
+    with store.lease(spec.stage) as lease, store.writing(spec.stage) as writing:
         with snapshot:
             # 2. under the lease: clear what crashed runs of this stage left, record the settings
             for line in clean_stage(store, spec.stage):
@@ -325,7 +335,7 @@ def run_stage(
             summary = StageSummary(stage=spec.stage)
             todo, summary.skipped = pending_shards(store, spec, summary.redo, ingested=ingested)
             for shard in summary.redo:  # not done any more until redone
-                fs.remove(store.status_url(spec.stage, shard))
+                store.remove_status(spec.stage, shard)
         total_rows = sum(ingest[s].get("ok", 0) for s in todo)
         bar = tqdm(
             total=total_rows, desc=spec.stage, unit="row", disable=not progress, smoothing=0.1
@@ -340,10 +350,12 @@ def run_stage(
 
         try:
             if todo:
+                writing.dispatch()  # workers write records from now on
                 if use_ray:
                     _run_ray(spec, todo, summary, finished, store)
                 else:
                     _run_local(spec, todo, summary, finished)
+                writing.finish()  # and are all done: the listing below is final
         finally:
             bar.close()
             try:
@@ -402,12 +414,13 @@ def _run_ray(
     never sits on one. An actor lost with its node is replaced; its shard is retried."""
     import ray
 
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, worker_runtime_env
 
     init_ray()
-    Actor = ray.remote(
-        num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker, max_restarts=0
-    )(_Host)
+    options: dict[str, Any] = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker}
+    if (runtime_env := worker_runtime_env()) is not None:
+        options["runtime_env"] = runtime_env
+    Actor = ray.remote(max_restarts=0, **options)(_Host)
     wanted = min(spec.workers, len(todo))
     actors: list[Any] = [None] * wanted
     loading: dict[Any, int] = {}  # ready ref -> slot
@@ -415,6 +428,8 @@ def _run_ray(
     idle: deque[int] = deque()
     pending = deque(todo)
     attempts: Counter = Counter()
+    losses: Counter = Counter()  # times a shard's worker was lost with its node
+    node_of: dict[int, str] = {}  # slot -> node id of its ready actor
     placement = _Placement(spec, wanted)
     init_failures = 0
 
@@ -445,7 +460,7 @@ def _run_ray(
                 if ref in loading:
                     slot = loading.pop(ref)
                     try:
-                        ray.get(ref)
+                        node_of[slot] = ray.get(ref)
                         idle.append(slot)
                     except ray.exceptions.RayActorError as e:
                         drop(slot)
@@ -464,6 +479,19 @@ def _run_ray(
                     finished(shard, ray.get(ref))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                     dead = isinstance(e, ray.exceptions.RayActorError)
+                    if dead and _lost_with_node(e, node_of.get(slot)):
+                        # Not the shard's fault: requeued without counting an attempt (up to
+                        # NODE_LOSSES times: a shard under which nodes keep dying fails).
+                        losses[shard] += 1
+                        log.warning("shard %s: its worker was lost with its node; requeued", shard)
+                        if losses[shard] > NODE_LOSSES:
+                            summary.failed[shard] = f"lost with its node {losses[shard]} times"
+                        else:
+                            summary.lost += 1
+                            pending.appendleft(shard)
+                        drop(slot)
+                        spawn(slot)
+                        continue
                     attempts[shard] += 1
                     cause = "worker died" if dead else _one_line(e)
                     log.warning("shard %s attempt %d failed: %s", shard, attempts[shard], cause)
@@ -488,6 +516,24 @@ def _run_ray(
         for a in actors:
             if a is not None:
                 ray.kill(a, no_restart=True)
+
+
+NODE_LOSSES = 5  # a shard whose worker is lost with its node more often than this fails
+
+
+def _lost_with_node(e: BaseException, node_id: str | None) -> bool:
+    """Whether an actor died because its node did (raylet gone, node preempted or drained),
+    rather than by its own crash: Ray's death cause says so, or the node is no longer alive."""
+    import ray
+
+    if getattr(e, "preempted", False) or "its node has died" in str(e):
+        return True
+    if node_id is None:
+        return False
+    try:
+        return not any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+    except Exception:  # the GCS unreachable: count the attempt, as before
+        return False
 
 
 class _Placement:

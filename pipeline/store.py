@@ -26,17 +26,36 @@ request per 1,000 records), re-reads only the records whose fingerprint is new o
 look in the same process costs only the listing; drivers persist changed indexes when they
 refresh the manifest, and nothing else writes them (read-only commands keep working on a
 read-only copy).
+
+Even a listing is one request per 1,000 records, so on object stores a stage's state is read
+from its index alone when the index is **sealed** (``status reads = index``, the default there):
+
+- a writer — a stage run, ingest, dedup, repair, each under its lease — first puts a marker
+  ``_status/<stage>/_writing.json`` in the folder, and when it ends (its workers all finished)
+  lists the records once more, writes the index with ``"sealed": true`` and removes the marker;
+- a reader makes one prefix listing of the folder's ``_`` names (the index and the marker, one
+  request whatever the shard count): no marker and a sealed index → the index is the state;
+  a marker (a writer running, or killed) or an unsealed index → the listing above, as locally.
+
+So the records stay what the index is rebuilt from, and a crashed writer's records are never
+missed; what a sealed index cannot see is a record changed *by hand* after the seal:
+``manifest verify`` (which always lists) reports it and ``manifest repair`` re-seals from the
+records. Local stores list by default (cheap there); ``ALPHASET_STATUS_READS=list|index``
+chooses for any store, and ``list`` restores the listing everywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gzip
 import hashlib
 import io
 import json
 import logging
+import os
 import re
+import socket
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -59,6 +78,9 @@ INDEX_VERSION = 1
 # Below this many records a stage keeps no index object: reading them (concurrently) costs about
 # one round trip, as the index would, and a small store stays a few files smaller.
 INDEX_MIN_RECORDS = 100
+WRITING_NAME = "_writing.json"  # a writer of the stage is running (or was killed): list it
+STATUS_READS_ENV = "ALPHASET_STATUS_READS"
+STATUS_READS = ("list", "index")
 _RECORD_NAME = re.compile(r"^(\d+)\.json$")
 # What manifest.json keeps of each status record.
 _MANIFEST_INGEST_FIELDS = ("rows", "ok", "errors", "source", "checksum", "time")
@@ -126,21 +148,35 @@ class Store:
     """A store rooted at ``root`` (a local path or any fsspec URL)."""
 
     root: str
+    # How a stage's state is read: "list" (its folder, always) or "index" (its sealed index when
+    # there is one; see the module docstring). None: $ALPHASET_STATUS_READS, else "list" on a
+    # local disk and "index" on an object store.
+    reads: str | None = None
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/")
+        if self.reads is None:
+            self.reads = os.environ.get(STATUS_READS_ENV, "").strip() or (
+                "list" if fs.is_local(self.root) else "index"
+            )
+        if self.reads not in STATUS_READS:
+            raise StoreError(
+                f"{STATUS_READS_ENV}={self.reads!r}: expected one of {', '.join(STATUS_READS)}"
+            )
         # In-process caches (never pickled): status indexes by stage, the background refresh.
         self._indexes: dict[str, _StageIndex] = {}
+        self._writing: dict[str, Writing] = {}  # the stages this process writes, under lease
         self._lock = threading.RLock()  # index updates: a background refresh and the caller
         self._refresher: threading.Thread | None = None
         self._refresher_lock = threading.Lock()
         self._bucket_checked = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"root": self.root, "reads": self.reads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.root = state["root"]
+        self.reads = state.get("reads")
         self.__post_init__()
 
     def _check_bucket(self) -> None:
@@ -236,7 +272,21 @@ class Store:
             if size_field not in rec and fs.exists(self.url(rel)):
                 rec[size_field] = fs.size(self.url(rel))
         fs.atomic_write(self.status_url(stage, shard), json.dumps(rec, indent=1, sort_keys=True))
+        self._touched(stage)
         return rec
+
+    def remove_status(self, stage: str, shard: str) -> None:
+        """Delete the status record of ``shard``: the shard reads as not done (its writer holds
+        the stage's lease)."""
+        fs.remove(self.status_url(stage, shard))
+        self._touched(stage)
+
+    def _touched(self, stage: str) -> None:
+        """This process changed a record of ``stage``: its in-memory index is no longer the
+        state without a listing."""
+        idx = self._indexes.get(stage)
+        if idx is not None:
+            idx.trusted = False
 
     def status(self, stage: str, shard: str) -> dict[str, Any] | None:
         try:
@@ -266,13 +316,22 @@ class Store:
 
     def _index(self, stage: str, problems: list[tuple[str, str]] | None = None) -> _StageIndex:
         """Bring the in-memory index of ``stage`` up to date with the records (caller holds the
-        lock). A record that does not parse stays out of the index (and is read again next time)."""
+        lock). A record that does not parse stays out of the index (and is read again next time).
+        ``problems`` (verify, repair): always from the listing, never a sealed index alone."""
+        if problems is None and self._sealed_state(stage):
+            return self._indexes[stage]
         folder = self.status_dir(stage)
         names = fs.listing(folder)
         idx = self._indexes.get(stage)
         if idx is None:
             idx = self._load_index(stage) if INDEX_NAME in names else _StageIndex()
             self._indexes[stage] = idx
+        writer = self._writing.get(stage)
+        # A listing taken while nobody writes (this process writes the stage, its workers are
+        # done or not started) is the state until this process writes again.
+        if writer is not None and writer.finished:
+            writer.dispatched = False
+        idx.trusted = writer is not None and not writer.dispatched
         marks = {m.group(1): fp for n, fp in names.items() if (m := _RECORD_NAME.match(n))}
         gone = [s for s in idx.marks if s not in marks]
         changed = [s for s, fp in marks.items() if idx.marks.get(s) != fp]
@@ -299,6 +358,33 @@ class Store:
             idx.dirty = True
         return idx
 
+    def _sealed_state(self, stage: str) -> bool:
+        """Whether the in-memory index of ``stage`` is its state without a listing: read from a
+        sealed index object while no writer's marker is in the folder (one prefix listing; the
+        index object is read again only when it changed). See the module docstring."""
+        if self.reads != "index":
+            return False
+        idx = self._indexes.get(stage)
+        writer = self._writing.get(stage)
+        if writer is not None:  # this process holds the stage's lease and checked on entry
+            return idx is not None and idx.trusted and not writer.dispatched
+        marks = fs.listing(self.status_dir(stage), stem="_")
+        mark = marks.get(INDEX_NAME)
+        if WRITING_NAME in marks or mark is None:
+            if idx is not None:
+                idx.trusted = False
+            return False
+        if idx is not None and idx.index_mark == mark:  # this version of it was read already
+            return idx.trusted
+        loaded = self._load_index(stage)
+        loaded.index_mark = mark
+        loaded.trusted = loaded.sealed
+        if idx is None or loaded.sealed:
+            self._indexes[stage] = loaded
+        else:
+            idx.index_mark = mark  # unsealed: the listing that follows brings idx up to date
+        return loaded.sealed
+
     def _load_index(self, stage: str) -> _StageIndex:
         url = fs.join(self.status_dir(stage), INDEX_NAME)
         try:
@@ -310,23 +396,117 @@ class Store:
             return _StageIndex()
         if doc.get("version") != INDEX_VERSION:
             return _StageIndex()
-        return _StageIndex(records=doc["records"], marks=doc["marks"], dirty=False)
+        return _StageIndex(
+            records=doc["records"],
+            marks=doc["marks"],
+            dirty=False,
+            sealed=bool(doc.get("sealed")),
+        )
 
-    def _save_index(self, stage: str) -> None:
-        """Persist the index of ``stage`` if it changed since it was read (drivers only)."""
+    def _save_index(self, stage: str, sealed: bool = False) -> None:
+        """Persist the index of ``stage`` if it changed since it was read (drivers only);
+        ``sealed`` only by the writer of the stage, its workers finished (`writing`)."""
         idx = self._indexes.get(stage)
-        if idx is None or not idx.dirty or len(idx.records) < INDEX_MIN_RECORDS:
+        if idx is None or len(idx.records) < INDEX_MIN_RECORDS:
             return
+        if not idx.dirty and (idx.sealed or not sealed):
+            return  # unchanged (a reader never unseals an index it did not change)
         doc = {
             "version": INDEX_VERSION,
             "stage": stage,
             "written": now_iso(),
+            "sealed": sealed,
             "records": idx.records,
             "marks": idx.marks,
         }
         data = gzip.compress(json.dumps(doc, sort_keys=True).encode(), compresslevel=5)
         fs.atomic_write(fs.join(self.status_dir(stage), INDEX_NAME), data)
-        idx.dirty = False
+        idx.dirty, idx.sealed, idx.index_mark = False, sealed, None
+
+    @contextlib.contextmanager
+    def writing(self, stage: str, dispatched: bool = False) -> Iterator[Writing]:
+        """Mark ``stage`` as being written by this process (call it under the stage's lease):
+        the ``_writing.json`` marker makes readers list the folder meanwhile; on a normal exit
+        the records are listed once more, the index is written sealed and the marker removed.
+        On an exception the marker stays (as after a kill): readers keep listing until the next
+        writer of the stage seals it. ``dispatched``: records may be written by other processes
+        from the start (else call `Writing.dispatch` before handing out work, and
+        `Writing.finish` once it is all done)."""
+        w = Writing(dispatched=dispatched)
+        marker = fs.join(self.status_dir(stage), WRITING_NAME)
+        with self._lock:
+            marks = fs.listing(self.status_dir(stage), stem="_")
+            idx = self._indexes.get(stage)
+            if (
+                idx is None
+                and self.reads == "index"
+                and WRITING_NAME not in marks
+                and INDEX_NAME in marks
+            ):
+                idx = self._load_index(stage)  # nothing read yet: start from a sealed index
+                idx.trusted, idx.index_mark = idx.sealed, marks[INDEX_NAME]
+                self._indexes[stage] = idx
+            if idx is not None and (
+                WRITING_NAME in marks or idx.index_mark != marks.get(INDEX_NAME) or not idx.trusted
+            ):
+                idx.trusted = False  # a killed writer's records, or a newer index: list again
+            w.sealed_clean = (
+                self.reads == "index"
+                and idx is not None
+                and idx.trusted
+                and idx.sealed
+                and WRITING_NAME not in marks
+            )
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "since": now_iso()}
+            fs.atomic_write(marker, json.dumps(info))
+            self._writing[stage] = w
+        ok = False
+        try:
+            yield w
+            ok = True
+        finally:
+            with self._lock:
+                self._writing.pop(stage, None)
+                if ok:
+                    self._seal(stage, w, marker)
+                elif stage in self._indexes:
+                    self._indexes[stage].trusted = False
+
+    def sealed_index_drift(self, stage: str, records: dict[str, dict[str, Any]]) -> list[str]:
+        """The shards whose status record (``records``: what the folder holds, listed) differs
+        from the sealed index object of ``stage`` — gone, added or rewritten since the seal, by
+        hand: what a reader trusting the index would get wrong. Empty when no sealed index is
+        in force (none, unsealed, or a writer's marker in the folder)."""
+        marks = fs.listing(self.status_dir(stage), stem="_")
+        if WRITING_NAME in marks or INDEX_NAME not in marks:
+            return []
+        idx = self._load_index(stage)
+        if not idx.sealed:
+            return []
+        return sorted(
+            s for s in set(records) | set(idx.records) if records.get(s) != idx.records.get(s)
+        )
+
+    def sealed_clean(self, stage: str) -> bool:
+        """Whether this process, writing ``stage``, began from its sealed index with no marker
+        of a killed writer in the folder: nothing was left half-written there since the seal."""
+        w = self._writing.get(stage)
+        return w is not None and w.sealed_clean
+
+    def _seal(self, stage: str, w: Writing, marker: str) -> None:
+        """The end of `writing`: list the records if they may have changed since the last
+        listing, write the index sealed, remove the marker. A failed write (disk full) leaves
+        the marker: readers list."""
+        self._writing[stage] = w  # the writer's view of its own stage, for this last look
+        w.finished = True
+        try:
+            self._index(stage)
+            self._save_index(stage, sealed=True)
+            fs.remove(marker)
+        except OSError as e:
+            log.warning("%s: status index not sealed (%s); readers list the records", stage, e)
+        finally:
+            self._writing.pop(stage, None)
 
     def shards(self) -> list[str]:
         """Ingested (complete) shard names, in order."""
@@ -347,6 +527,8 @@ class Store:
         reader looks; return the new relative path. Nothing is deleted: the user decides."""
         dst = f"{QUARANTINE_DIR}/{stamp}/{rel}"
         fs.move(self.url(rel), self.url(dst))
+        if rel.startswith(STATUS_DIR + "/"):
+            self._touched(rel[len(STATUS_DIR) + 1 :].rsplit("/", 1)[0])
         return dst
 
     def lease(self, name: str, **kwargs: Any):
@@ -531,7 +713,11 @@ class Store:
                 m["shards"], m["stages"] = shards, tables
                 self.write_manifest(m)
             for stage in list(self._indexes):
-                self._save_index(stage)
+                # A stage this process writes is written sealed when it ends; until then only
+                # the progress of workers elsewhere (dispatched) is worth persisting.
+                w = self._writing.get(stage)
+                if w is None or (w.dispatched and not w.finished):
+                    self._save_index(stage)
             return m
 
 
@@ -542,6 +728,24 @@ class _StageIndex:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     marks: dict[str, str] = field(default_factory=dict)
     dirty: bool = True  # differs from the persisted index object
+    sealed: bool = False  # the persisted index object is sealed (complete when no marker)
+    trusted: bool = False  # the records are the stage's state without a listing
+    index_mark: str | None = None  # fingerprint of the index object these records came from
+
+
+@dataclass
+class Writing:
+    """A stage being written by this process (`Store.writing`)."""
+
+    dispatched: bool = False  # other processes may be writing records now: always list
+    finished: bool = False  # all of them are done: the next listing is final
+    sealed_clean: bool = False  # began from a sealed index, no killed writer's marker
+
+    def dispatch(self) -> None:
+        self.dispatched = True
+
+    def finish(self) -> None:
+        self.finished = True
 
 
 def _load_record(url: str) -> dict[str, Any]:

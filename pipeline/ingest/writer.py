@@ -256,63 +256,67 @@ def _ingest_locked(
     start = time.perf_counter()
     with store.lease(INGEST) as lease:
         store.create()
-        for line in clean_ingest(store):
-            log.warning("%s", line)
-        done = store.shards()
-        next_index = int(done[-1]) + 1 if done else 0
-        stored = key_index(store)
-        retry = {k for k, st in stored.items() if st != "ok"} if retry_errors else set()
-        seen: set[str] = set()
+        # (ingest writes its records itself: no other process writes them)
+        with store.writing(INGEST):
+            for line in clean_ingest(store):
+                log.warning("%s", line)
+            done = store.shards()
+            next_index = int(done[-1]) + 1 if done else 0
+            stored = key_index(store)
+            retry = {k for k, st in stored.items() if st != "ok"} if retry_errors else set()
+            seen: set[str] = set()
 
-        def fresh() -> Iterator[RawSample]:
-            for s in samples:
-                if s.key in seen:  # the same key twice in one source is ingested once
-                    summary.duplicates += 1
-                    continue
-                seen.add(s.key)
-                if s.key in stored and s.key not in retry:
-                    summary.skipped_existing += 1
-                    continue
-                if s.key in retry:
-                    summary.retried += 1
-                yield s
+            def fresh() -> Iterator[RawSample]:
+                for s in samples:
+                    if s.key in seen:  # the same key twice in one source is ingested once
+                        summary.duplicates += 1
+                        continue
+                    seen.add(s.key)
+                    if s.key in stored and s.key not in retry:
+                        summary.skipped_existing += 1
+                        continue
+                    if s.key in retry:
+                        summary.retried += 1
+                    yield s
 
-        bar = tqdm(desc=f"ingest {source}", unit="img", disable=not progress, smoothing=0.05)
-        try:
-            if pool is not None:
-                results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
-            else:
-                results = map(_Processor(cfg), fresh())
-            batch: list[tuple[dict, dict | None]] = []
-            for item in results:
-                batch.append(item)
-                bar.update(1)
-                if len(batch) >= cfg.shard_size:
+            bar = tqdm(desc=f"ingest {source}", unit="img", disable=not progress, smoothing=0.05)
+            try:
+                if pool is not None:
+                    results = _bounded_imap(pool, _Processor(cfg), fresh(), window=8 * cfg.workers)
+                else:
+                    results = map(_Processor(cfg), fresh())
+                batch: list[tuple[dict, dict | None]] = []
+                for item in results:
+                    batch.append(item)
+                    bar.update(1)
+                    if len(batch) >= cfg.shard_size:
+                        lease.check()
+                        _write_shard(
+                            store, shard_name(next_index), batch, source, cfg, settings, summary
+                        )
+                        next_index += 1
+                        batch = []
+                if batch:
                     lease.check()
                     _write_shard(
                         store, shard_name(next_index), batch, source, cfg, settings, summary
                     )
-                    next_index += 1
-                    batch = []
-            if batch:
-                lease.check()
-                _write_shard(store, shard_name(next_index), batch, source, cfg, settings, summary)
-            if summary.retried:
-                drop_superseded_errors(store)
-        except OSError as e:
-            summary.seconds = time.perf_counter() - start
-            raise WriteStopped(
-                f"writing to {store.root} failed ({_one_line(e)}); the {len(summary.shards)} "
-                "shard(s) written are kept; fix the cause and re-run the same command to add the rest",
-                summary,
-                e.errno,
-            ) from e
-        finally:
-            bar.close()
-            try:
-                store.refresh_manifest()
-            except OSError as e:  # disk full: the records are safe, the manifest is derived
-                log.warning("manifest.json not updated (%s); any later run rebuilds it", e)
+                if summary.retried:
+                    drop_superseded_errors(store)
+            except OSError as e:
+                summary.seconds = time.perf_counter() - start
+                raise WriteStopped(
+                    f"writing to {store.root} failed ({_one_line(e)}); the {len(summary.shards)} "
+                    "shard(s) written are kept; fix the cause and re-run the same command to add the rest",
+                    summary,
+                    e.errno,
+                ) from e
+            finally:
+                bar.close()
+                try:
+                    store.refresh_manifest()
+                except OSError as e:  # disk full: the records are safe, the manifest is derived
+                    log.warning("manifest.json not updated (%s); any later run rebuilds it", e)
 
 
 def _bounded_imap(pool, fn: Callable, items: Iterable, window: int) -> Iterator:

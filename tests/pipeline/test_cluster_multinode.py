@@ -57,6 +57,8 @@ class NodeTagWorker:
         )
         checksum = fs.write_parquet(self.store.url(STAGE, f"{shard}.parquet"), table)
         rec = {"rows": len(keys), "ok": len(keys), "errors": 0, "checksum": checksum}
+        # what the worker's environment says of the store (forwarded by the driver)
+        rec["reads_env"] = os.environ.get("ALPHASET_STATUS_READS")
         return self.store.write_status(STAGE, shard, {**rec, "node": self.node})
 
 
@@ -78,9 +80,11 @@ def drive(store: str, workers: int) -> None:
         worker_kwargs={"store": store, "seconds": SECONDS_PER_SHARD, "gate": gate_path(store)},
         settings={"seconds": SECONDS_PER_SHARD},
         workers=workers,
+        max_retries=0,  # a shard lost with its node is requeued, not a failed attempt
     )
     s = run_stage(Store(store), spec, progress=False)
-    print("SUMMARY", json.dumps({"done": len(s.done), "failed": s.failed, "retries": s.retries}))
+    summary = {"done": len(s.done), "failed": s.failed, "retries": s.retries, "lost": s.lost}
+    print("SUMMARY", json.dumps(summary))
 
 
 # ---- the cluster ------------------------------------------------------------------------------
@@ -200,8 +204,10 @@ def small_store(tmp_path):
 @pytest.mark.slow
 def test_a_node_lost_and_a_node_joining_mid_stage(cluster, small_store, tmp_path):
     """4 workers asked of a 3-CPU cluster (one waits); node b's raylet killed after 3 shards;
-    node c started: the stage finishes on the rest, c takes shards, every key exactly once."""
-    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    node c started: the stage finishes on the rest, c takes shards, every key exactly once, and
+    b's shard in flight is requeued without counting against --max-retries (0 here)."""
+    # A store setting set for the driver only: the nodes were started without it.
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "ALPHASET_STATUS_READS": "list"}
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(
             [sys.executable, __file__, "drive", small_store.root, "4"],
@@ -230,6 +236,10 @@ def test_a_node_lost_and_a_node_joining_mid_stage(cluster, small_store, tmp_path
     assert driver.returncode == 0, errors[-3000:]
     summary = json.loads(next(ln for ln in out.splitlines() if ln.startswith("SUMMARY "))[8:])
     assert summary["done"] == SHARDS and not summary["failed"], summary
+    # b's worker held a shard when its raylet died: requeued, though --max-retries is 0
+    assert summary["lost"] >= 1 and summary["retries"] == 0, summary
+    # the driver's ALPHASET_* store settings reached every worker, on every node
+    assert {small_store.status(STAGE, s)["reads_env"] for s in small_store.shards()} == {"list"}
     # every key exactly once, in its shard, and every node but the lost one did work
     rows = pq.read_table(small_store.stage_dir(STAGE)).to_pylist()
     keys = [r["key"] for r in rows]

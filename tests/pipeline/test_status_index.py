@@ -148,7 +148,7 @@ def test_stage_state_costs_constant_requests_on_s3(s3_bucket, n):
     done = reader.completed(STAGE)
     calls = requests.take()
     assert done["000003"]["errors"] == 8 and done["000007"]["errors"] == 7
-    assert len(calls) == 3, calls  # the listing + the two records
+    assert len(calls) == 4, calls  # the index check, the listing, the two records
 
     # `manifest show` on the whole store: a handful of requests, not one per shard.
     Store(store.root).refresh_manifest()
@@ -214,3 +214,72 @@ def test_small_stages_keep_no_index_object(tmp_path):
     store.refresh_manifest()
     assert not fs.exists(fs.join(store.status_dir(STAGE), INDEX_NAME))
     assert sorted(Store(store.root).completed(STAGE)) == ["000000", "000001", "000002"]
+
+
+class _Writer:
+    """A stage worker: writes the shard's output file, then its status record."""
+
+    def __init__(self, root: str):
+        self.store = Store(root)
+
+    def __call__(self, shard: str) -> dict:
+        fs.atomic_write(self.store.url(STAGE, f"{shard}.parquet"), b"output")
+        return self.store.write_status(STAGE, shard, {"rows": 9, "ok": 9, "errors": 0})
+
+
+def test_sealed_index_is_the_state_between_writers(tmp_path, monkeypatch):
+    """Sealed-index reads (the object-store default, forced here on a local store): after a
+    writer ends, its stage is read from the index alone; a killed writer's marker makes readers
+    list again until the next writer seals; an edit by hand shows in the listing only."""
+    from pipeline.stage import StageSpec, run_stage
+    from pipeline.store import WRITING_NAME
+
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    n = INDEX_MIN_RECORDS + 5
+    store = _make_store(str(tmp_path / "s"), shards=n, stage_shards=n - 5)
+    with store.writing("ingest"):  # an ingest that ends: seals the ingest records
+        pass
+    spec = StageSpec(STAGE, _Writer, {"root": store.root}, settings={"model": "t"})
+    assert len(run_stage(store, spec, progress=False, use_ray=False).done) == 5
+    marker = fs.join(store.status_dir(STAGE), WRITING_NAME)
+    doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
+    assert doc["sealed"] is True and len(doc["records"]) == n and not fs.exists(marker)
+
+    listed: list[tuple[str, str]] = []
+    real = fs.listing
+
+    def spy(url: str, stem: str = "") -> dict[str, str]:
+        listed.append((url.split("/_status/")[-1], stem))
+        return real(url, stem)
+
+    monkeypatch.setattr(fs, "listing", spy)
+    summary = run_stage(Store(store.root), spec, progress=False, use_ray=False)
+    assert len(summary.skipped) == n and not summary.done
+    assert listed and all(stem == "_" for _, stem in listed), listed  # no record listed
+    assert len(Store(store.root).completed(STAGE)) == n and listed[-1] == (STAGE, "_")
+
+    # A writer killed after writing a record: its marker stays; readers list and see the record.
+    with pytest.raises(RuntimeError), Store(store.root).writing(STAGE):
+        Store(store.root).write_status(STAGE, "000001", {"rows": 77, "ok": 77, "errors": 0})
+        raise RuntimeError("killed")
+    assert fs.exists(marker)
+    listed.clear()
+    assert Store(store.root).completed(STAGE)["000001"]["rows"] == 77
+    assert (STAGE, "") in listed
+    # The next writer lists once, seals, removes the marker; readers trust the index again.
+    run_stage(Store(store.root), spec, progress=False, use_ray=False)
+    assert not fs.exists(marker)
+    listed.clear()
+    assert Store(store.root).completed(STAGE)["000001"]["rows"] == 77
+    assert all(stem == "_" for _, stem in listed), listed
+
+    # A record deleted by hand after the seal: the index still says done (the documented limit),
+    # the listing does not; list-mode reads (ALPHASET_STATUS_READS=list) follow the records.
+    fs.remove(store.status_url(STAGE, "000002"))
+    assert "000002" in Store(store.root).completed(STAGE)
+    truth = Store(store.root, reads="list").completed(STAGE)
+    assert "000002" not in truth
+    assert Store(store.root).sealed_index_drift(STAGE, truth) == ["000002"]
+    redo = run_stage(Store(store.root, reads="list"), spec, progress=False, use_ray=False)
+    assert redo.done == ["000002"]
+    assert Store(store.root).sealed_index_drift(STAGE, Store(store.root).completed(STAGE)) == []
