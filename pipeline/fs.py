@@ -117,9 +117,14 @@ def check_bucket(url: str) -> None:
     try:
         fsys.info(bucket)
     except FileNotFoundError:
+        make = (
+            f"gcloud storage buckets create gs://{bucket}"
+            if proto in ("gs", "gcs")
+            else (f"aws s3 mb s3://{bucket}")
+        )
         raise StorageError(
-            f"bucket {bucket!r} of {url} does not exist: create it first "
-            f"(e.g. 'aws s3 mb {proto}://{bucket}'); alphaset never creates buckets"
+            f"bucket {bucket!r} of {url} does not exist: create it first (e.g. '{make}'); "
+            "alphaset never creates buckets"
         ) from None
     except PermissionError as e:
         raise StorageError(
@@ -466,7 +471,9 @@ def has_conditional_create(url: str) -> bool:
     in-memory); elsewhere it is check-then-write."""
     fsys, _ = filesystem(url)
     names = {cls.__name__ for cls in type(fsys).__mro__}
-    return bool(names & {"LocalFileSystem", "S3FileSystem", "MemoryFileSystem"})
+    # GCS: gcsfs sends mode="create" as the ifGenerationMatch=0 precondition, which GCS enforces
+    # (the emulator in the tests does not, so the race is tested on local disks and S3 only).
+    return bool(names & {"LocalFileSystem", "S3FileSystem", "GCSFileSystem", "MemoryFileSystem"})
 
 
 def ls_fresh(url: str) -> list[str]:

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from ports import free_port
 
+# gcsfs probes each bucket's type over gRPC when it is imported with this on (its default); the
+# GCS emulator serves only the JSON API, so every first access would wait 60 s for the probe.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 DATA = Path(__file__).parent / "data"
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera")
 
@@ -109,6 +113,59 @@ def no_proxy(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS endpoint: gcp-storage-emulator (its JSON API, in memory) on a free loopback port,
+    for the whole session. Yields ``http://127.0.0.1:PORT``; gcsfs reaches it through
+    STORAGE_EMULATOR_HOST (set by ``gcs_bucket``)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("gcs") / "gcs.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
+         "--port", str(port), "--in-memory"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/storage/v1/b?project=test", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"GCS emulator did not start on {endpoint}") from None
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request) -> str:
+    """A fresh bucket on the GCS emulator; returns ``gs://<bucket>``. The store options are
+    what a user of an emulator passes (an anonymous token)."""
+    import re
+    import uuid
+
+    import gcsfs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    monkeypatch.setenv("ALPHASET_STORAGE_OPTIONS", '{"token": "anon", "project": "test"}')
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True).mkdir(bucket)
+    return f"gs://{bucket}"
 
 
 @pytest.fixture(scope="session")

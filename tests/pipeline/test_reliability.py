@@ -609,7 +609,7 @@ def test_leases_cleanup_and_repair_on_s3(s3_bucket, tmp_path):
     assert report["ok"], report["problems"]
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3", "gcs"])
 def test_record_deleted_by_hand_after_a_seal(where, tmp_path, monkeypatch, request):
     """With sealed-index reads (the object-store default; forced locally here), a status record
     deleted by hand is invisible to readers that trust the sealed index: verify lists the records,
@@ -618,7 +618,10 @@ def test_record_deleted_by_hand_after_a_seal(where, tmp_path, monkeypatch, reque
 
     monkeypatch.setattr(pipeline.store, "INDEX_MIN_RECORDS", 1)  # every stage keeps an index
     monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
-    root = str(tmp_path / "s") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/s"
+    if where == "local":
+        root = str(tmp_path / "s")
+    else:
+        root = f"{request.getfixturevalue(f'{where}_bucket')}/s"
     ingest_folder(root, str(tiny_folder(tmp_path / "a", 4, "a")), progress=False, shard_size=1)
     store = Store(root)
     assert len(run_stage(store, keys_stage(store), progress=False, use_ray=False).done) == 4
