@@ -24,9 +24,13 @@ from pipeline.store import Store
 N_IMAGES, SHARD_SIZE, KILLS = 8, 2, 4
 
 
-def _run(argv: list[str]) -> None:
+def _run(argv: list[str], reads: str) -> None:
+    import pipeline.store
     from pipeline.cli import main
 
+    os.environ["ALPHASET_STATUS_READS"] = reads
+    if reads == "index":  # every stage keeps an index object, so the seals are exercised
+        pipeline.store.INDEX_MIN_RECORDS = 1
     os._exit(main(argv))
 
 
@@ -61,7 +65,10 @@ def forkserver():
     return ctx
 
 
-def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver):
+@pytest.mark.parametrize("reads", ["list", "index"])
+def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver, reads):
+    """``reads``: how status is read — listing the records (the local default) or trusting
+    sealed indexes (the object-store default): kills leave writers' markers behind."""
     seed = int(os.environ.get("ALPHASET_CHAOS_SEED", random.SystemRandom().randrange(1 << 30)))
     print(f"chaos seed {seed} (ALPHASET_CHAOS_SEED={seed} replays it)")
     rng = random.Random(seed)
@@ -75,7 +82,7 @@ def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver):
     cmds = commands(str(src), root)
 
     def start(name: str):
-        p = forkserver.Process(target=_run, args=(cmds[name],), name=name)
+        p = forkserver.Process(target=_run, args=(cmds[name], reads), name=name)
         p.start()
         return p
 
@@ -100,8 +107,8 @@ def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver):
         p.join(300)
         assert p.exitcode == 0, f"{name} exited {p.exitcode} after {kills}"
 
-    # 3. Every key exactly once, every stage aligned with the image shards.
-    store = Store(root)
+    # 3. Every key exactly once, every stage aligned with the image shards (read by listing).
+    store = Store(root, reads="list")
     meta = pl.read_parquet(store.url("meta"))
     assert meta.height == N_IMAGES and meta["key"].n_unique() == N_IMAGES, kills
     assert (meta["status"] == "ok").all()
@@ -112,7 +119,11 @@ def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver):
         if not stage.startswith("features/"):
             keys = pl.read_parquet(store.url(stage))["key"]
             assert keys.len() == N_IMAGES and keys.n_unique() == N_IMAGES, (stage, kills)
-    report = verify(store)
+    report = verify(Store(root, reads=reads))  # also: no sealed index out of date
     assert report["ok"], (report["problems"], kills)
+    assert not [w for w in report["warnings"] if "_index" in w["path"]], report["warnings"]
+    if reads == "index":  # every writer ran to its end last: no marker left, every index sealed
+        for stage in ["ingest", *stages]:
+            assert not os.path.exists(os.path.join(store.status_dir(stage), "_writing.json"))
     stale = [w for w in report["warnings"] if "temporary" in w["message"]]
     assert not stale, stale
