@@ -613,7 +613,7 @@ def dedup_store(store: Store | str, cfg: DedupConfig) -> DedupSummary:
     one line naming this one, while other stages run side by side."""
     store = Store(store) if isinstance(store, str) else store
     store.require()
-    with store.lease(STAGE) as lease, store.writing(STAGE):
+    with store.lease(STAGE) as lease, store.writing(STAGE, lease=lease):
         return _dedup(store, cfg, lease)
 
 

@@ -465,5 +465,6 @@ def score_store(
         cpus_per_worker=cfg.cpus_per_worker,
         gpus_per_worker=place_workers(cfg.gpus_per_worker, ray_address, use_ray),
         max_retries=cfg.max_retries,
+        also_writes=(f"embeddings/{tag}",),
     )
     return run_stage(store, spec, progress=progress, use_ray=use_ray)

@@ -215,9 +215,9 @@ def repair(store: Store) -> dict[str, Any]:
     if not fs.exists(store.url("meta")) and not fs.exists(store.manifest_url):
         store.require()
     stages = store.stages()
-    with Leases(store.root, [INGEST, *stages]), contextlib.ExitStack() as writing:
+    with Leases(store.root, [INGEST, *stages]) as leases, contextlib.ExitStack() as writing:
         for stage in [INGEST, *stages]:  # sealed again from the records when repair ends
-            writing.enter_context(store.writing(stage))
+            writing.enter_context(store.writing(stage, lease=leases))
         when = stamp()
         actions: list[str] = []
         actions.extend(_repair_records(store, "ingest", when))

@@ -11,6 +11,7 @@ current. The same worker runs without Ray (``use_ray=False``) for debugging and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import time
@@ -163,6 +164,9 @@ class StageSpec:
     gpus_per_worker: float = 0.0
     max_retries: int = 2
     placement_timeout: float = PLACEMENT_TIMEOUT  # see _Placement
+    # Other stages whose records the workers write too (score writes embeddings/<tag>): their
+    # leases are taken and their indexes sealed with this stage's.
+    also_writes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -326,7 +330,9 @@ def run_stage(
         ingested = sorted(ingest)
         # 1. check the shard list, write nothing (no checksums read: default options)
         pending_shards(store, spec, options=RunOptions(), ingested=ingested)
-    with store.lease(spec.stage) as lease, store.writing(spec.stage) as writing:
+    stages = [spec.stage, *spec.also_writes]
+    with store.leases(stages) as lease, contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(store.writing(s, lease=lease)) for s in stages]
         with snapshot:
             # 2. under the lease: clear what crashed runs of this stage left, record the settings
             for line in clean_stage(store, spec.stage):
@@ -350,18 +356,20 @@ def run_stage(
 
         try:
             if todo:
-                writing.dispatch()  # workers write records from now on
+                for w in writers:
+                    w.dispatch()  # workers write records from now on
                 if use_ray:
                     _run_ray(spec, todo, summary, finished, store)
                 else:
                     _run_local(spec, todo, summary, finished)
-                writing.finish()  # and are all done: the listing below is final
+                for w in writers:
+                    w.finish()  # and are all done: the listing below is final
         finally:
             bar.close()
             try:
                 # Only this stage's records can have changed: list it again (if anything ran);
                 # the other stages keep their manifest entries.
-                store.refresh_manifest(stages=[spec.stage] if todo else [])
+                store.refresh_manifest(stages=stages if todo else [])
             except OSError as e:  # disk full: the records are safe, the manifest is derived
                 summary.notes.append(
                     f"manifest.json not updated ({e.strerror or e}); any later run rebuilds it"
@@ -510,7 +518,7 @@ def _run_ray(
                         continue
                 idle.append(slot)
             if time.monotonic() - last_refresh > 30:  # off the loop: never waits on the store
-                store.refresh_manifest(stages=[spec.stage], background=True)
+                store.refresh_manifest(stages=[spec.stage, *spec.also_writes], background=True)
                 last_refresh = time.monotonic()
     finally:
         for a in actors:

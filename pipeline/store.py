@@ -58,6 +58,7 @@ import re
 import socket
 import tarfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -321,15 +322,19 @@ class Store:
         if problems is None and self._sealed_state(stage):
             return self._indexes[stage]
         folder = self.status_dir(stage)
+        writer = self._writing.get(stage)
+        # Read before listing: only a listing that starts after every worker has finished is
+        # final (a background refresh may be listing while the run ends).
+        final = writer is not None and writer.finished
         names = fs.listing(folder)
         idx = self._indexes.get(stage)
         if idx is None:
             idx = self._load_index(stage) if INDEX_NAME in names else _StageIndex()
+            idx.index_mark = names.get(INDEX_NAME)
             self._indexes[stage] = idx
-        writer = self._writing.get(stage)
         # A listing taken while nobody writes (this process writes the stage, its workers are
         # done or not started) is the state until this process writes again.
-        if writer is not None and writer.finished:
+        if final:
             writer.dispatched = False
         idx.trusted = writer is not None and not writer.dispatched
         marks = {m.group(1): fp for n, fp in names.items() if (m := _RECORD_NAME.match(n))}
@@ -374,15 +379,17 @@ class Store:
             if idx is not None:
                 idx.trusted = False
             return False
-        if idx is not None and idx.index_mark == mark:  # this version of it was read already
-            return idx.trusted
+        if idx is not None and idx.index_mark == mark and (idx.trusted or not idx.sealed):
+            return idx.trusted  # this version was read already: sealed and current, or unsealed
+        # (A sealed version read while a marker was up is the state now that it is gone: the
+        # writer changed nothing, else it would have written a new version.)
         loaded = self._load_index(stage)
         loaded.index_mark = mark
         loaded.trusted = loaded.sealed
         if idx is None or loaded.sealed:
             self._indexes[stage] = loaded
-        else:
-            idx.index_mark = mark  # unsealed: the listing that follows brings idx up to date
+        else:  # unsealed: the listing that follows brings idx up to date
+            idx.index_mark, idx.sealed = mark, False
         return loaded.sealed
 
     def _load_index(self, stage: str) -> _StageIndex:
@@ -407,10 +414,20 @@ class Store:
         """Persist the index of ``stage`` if it changed since it was read (drivers only);
         ``sealed`` only by the writer of the stage, its workers finished (`writing`)."""
         idx = self._indexes.get(stage)
-        if idx is None or len(idx.records) < INDEX_MIN_RECORDS:
+        if idx is None:
+            return
+        url = fs.join(self.status_dir(stage), INDEX_NAME)
+        if len(idx.records) < INDEX_MIN_RECORDS:
+            if sealed:  # a small stage keeps no index: not even a sealed one from when it was big
+                fs.remove(url)
+                idx.index_mark, idx.sealed = None, False
             return
         if not idx.dirty and (idx.sealed or not sealed):
             return  # unchanged (a reader never unseals an index it did not change)
+        if not sealed and stage not in self._writing:
+            marks = fs.listing(self.status_dir(stage), stem="_")
+            if marks.get(INDEX_NAME) != idx.index_mark:
+                return  # written by someone else since this process read it (maybe sealed)
         doc = {
             "version": INDEX_VERSION,
             "stage": stage,
@@ -420,44 +437,45 @@ class Store:
             "marks": idx.marks,
         }
         data = gzip.compress(json.dumps(doc, sort_keys=True).encode(), compresslevel=5)
-        fs.atomic_write(fs.join(self.status_dir(stage), INDEX_NAME), data)
+        fs.atomic_write(url, data)
         idx.dirty, idx.sealed, idx.index_mark = False, sealed, None
 
     @contextlib.contextmanager
-    def writing(self, stage: str, dispatched: bool = False) -> Iterator[Writing]:
+    def writing(self, stage: str, dispatched: bool = False, lease: Any = None) -> Iterator[Writing]:
         """Mark ``stage`` as being written by this process (call it under the stage's lease):
         the ``_writing.json`` marker makes readers list the folder meanwhile; on a normal exit
         the records are listed once more, the index is written sealed and the marker removed.
         On an exception the marker stays (as after a kill): readers keep listing until the next
         writer of the stage seals it. ``dispatched``: records may be written by other processes
         from the start (else call `Writing.dispatch` before handing out work, and
-        `Writing.finish` once it is all done)."""
-        w = Writing(dispatched=dispatched)
+        `Writing.finish` once it is all done). ``lease``: the stage's lease, checked before the
+        seal (a writer whose lease was taken over seals nothing)."""
+        w = Writing(dispatched=dispatched, lease=lease)
         marker = fs.join(self.status_dir(stage), WRITING_NAME)
         with self._lock:
             marks = fs.listing(self.status_dir(stage), stem="_")
+            mark, killed = marks.get(INDEX_NAME), WRITING_NAME in marks
             idx = self._indexes.get(stage)
-            if (
-                idx is None
-                and self.reads == "index"
-                and WRITING_NAME not in marks
-                and INDEX_NAME in marks
-            ):
+            if idx is None and self.reads == "index" and not killed and mark is not None:
                 idx = self._load_index(stage)  # nothing read yet: start from a sealed index
-                idx.trusted, idx.index_mark = idx.sealed, marks[INDEX_NAME]
+                idx.trusted, idx.index_mark = idx.sealed, mark
                 self._indexes[stage] = idx
-            if idx is not None and (
-                WRITING_NAME in marks or idx.index_mark != marks.get(INDEX_NAME) or not idx.trusted
-            ):
-                idx.trusted = False  # a killed writer's records, or a newer index: list again
-            w.sealed_clean = (
-                self.reads == "index"
-                and idx is not None
-                and idx.trusted
-                and idx.sealed
-                and WRITING_NAME not in marks
-            )
-            info = {"host": socket.gethostname(), "pid": os.getpid(), "since": now_iso()}
+            # Start from memory only when it is the sealed version in force now; else (a killed
+            # writer's marker, a newer index, no index object) the writer lists the records.
+            if idx is not None and not (
+                idx.trusted and idx.sealed and not killed and mark is not None
+                and idx.index_mark == mark
+            ):  # fmt: skip
+                idx.trusted = False
+            # Object stores have no temp files (uploads appear whole): nothing half-written can
+            # be among the records since the seal.
+            w.sealed_clean = idx is not None and idx.trusted and not fs.is_local(self.root)
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": now_iso(),
+                "token": w.token,
+            }
             fs.atomic_write(marker, json.dumps(info))
             self._writing[stage] = w
         ok = False
@@ -500,13 +518,18 @@ class Store:
         self._writing[stage] = w  # the writer's view of its own stage, for this last look
         w.finished = True
         try:
+            if w.lease is not None:
+                w.lease.check()  # taken over after it expired: the new writer seals
             self._index(stage)
             self._save_index(stage, sealed=True)
-            fs.remove(marker)
-        except OSError as e:
+            if _load_record(marker).get("token") == w.token:  # never another writer's marker
+                fs.remove(marker)
+        except (OSError, StoreError) as e:
             log.warning("%s: status index not sealed (%s); readers list the records", stage, e)
         finally:
             self._writing.pop(stage, None)
+            if stage in self._indexes:  # the next writer or reader checks the index again
+                self._indexes[stage].trusted = False
 
     def shards(self) -> list[str]:
         """Ingested (complete) shard names, in order."""
@@ -537,6 +560,13 @@ class Store:
 
         self._check_bucket()
         return Lease(self.root, name, **kwargs)
+
+    def leases(self, names: list[str], **kwargs: Any):
+        """Several writer leases of this store, taken together (all or none)."""
+        from pipeline.lease import Leases
+
+        self._check_bucket()
+        return Leases(self.root, names, **kwargs)
 
     # ---- stage config (resolved settings written beside the output) -------------------------
     def stage_config(self, stage: str) -> dict[str, Any] | None:
@@ -740,6 +770,8 @@ class Writing:
     dispatched: bool = False  # other processes may be writing records now: always list
     finished: bool = False  # all of them are done: the next listing is final
     sealed_clean: bool = False  # began from a sealed index, no killed writer's marker
+    lease: Any = None  # the stage's lease (checked before sealing)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this writer's marker
 
     def dispatch(self) -> None:
         self.dispatched = True

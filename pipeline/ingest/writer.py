@@ -257,7 +257,7 @@ def _ingest_locked(
     with store.lease(INGEST) as lease:
         store.create()
         # (ingest writes its records itself: no other process writes them)
-        with store.writing(INGEST):
+        with store.writing(INGEST, lease=lease):
             for line in clean_ingest(store):
                 log.warning("%s", line)
             done = store.shards()

@@ -9,6 +9,8 @@ forkserver that imported the packages once, so a kill costs no start-up time. Th
 
 from __future__ import annotations
 
+import gzip
+import json
 import multiprocessing as mp
 import os
 import random
@@ -124,6 +126,9 @@ def test_random_sigkills_leave_every_key_exactly_once(tmp_path, forkserver, read
     assert not [w for w in report["warnings"] if "_index" in w["path"]], report["warnings"]
     if reads == "index":  # every writer ran to its end last: no marker left, every index sealed
         for stage in ["ingest", *stages]:
-            assert not os.path.exists(os.path.join(store.status_dir(stage), "_writing.json"))
+            folder = store.status_dir(stage)
+            assert not os.path.exists(os.path.join(folder, "_writing.json")), (stage, kills)
+            with open(os.path.join(folder, "_index.json.gz"), "rb") as f:
+                assert json.loads(gzip.decompress(f.read()))["sealed"] is True, (stage, kills)
     stale = [w for w in report["warnings"] if "temporary" in w["message"]]
     assert not stale, stale

@@ -282,4 +282,118 @@ def test_sealed_index_is_the_state_between_writers(tmp_path, monkeypatch):
     assert Store(store.root).sealed_index_drift(STAGE, truth) == ["000002"]
     redo = run_stage(Store(store.root, reads="list"), spec, progress=False, use_ray=False)
     assert redo.done == ["000002"]
-    assert Store(store.root).sealed_index_drift(STAGE, Store(store.root).completed(STAGE)) == []
+    truth = Store(store.root, reads="list").completed(STAGE)
+    assert "000002" in truth and Store(store.root).sealed_index_drift(STAGE, truth) == []
+
+
+def test_seal_waits_for_a_listing_that_started_after_the_workers(tmp_path, monkeypatch):
+    """A background refresh that was listing while the last worker wrote its record and the
+    run finished must not count as the final listing: the seal lists again."""
+    import threading
+
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    n = INDEX_MIN_RECORDS
+    store = _make_store(str(tmp_path / "s"), shards=n + 1, stage_shards=n)
+    release, listed = threading.Event(), threading.Event()
+    real = fs.listing
+
+    def slow(url: str, stem: str = "") -> dict[str, str]:
+        out = real(url, stem)
+        if not stem and threading.current_thread() is not threading.main_thread():
+            listed.set()
+            release.wait(30)  # the listing is taken; the run ends meanwhile
+        return out
+
+    monkeypatch.setattr(fs, "listing", slow)
+    with store.writing(STAGE) as run:
+        run.dispatch()
+        store.refresh_manifest(stages=[STAGE], background=True)
+        assert listed.wait(30)
+        Store(store.root).write_status(STAGE, f"{n:06d}", {"rows": 1, "ok": 1, "errors": 0})
+        run.finish()
+        release.set()
+    doc = json.loads(gzip.decompress(_index_bytes(store, STAGE)))
+    assert doc["sealed"] and f"{n:06d}" in doc["records"]
+
+
+def test_a_stage_that_shrinks_below_the_index_size_drops_its_sealed_index(tmp_path, monkeypatch):
+    import pipeline.store
+
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    monkeypatch.setattr(pipeline.store, "INDEX_MIN_RECORDS", 3)
+    store = _make_store(str(tmp_path / "s"), shards=4, stage_shards=4)
+    with store.writing(STAGE):
+        pass
+    assert json.loads(gzip.decompress(_index_bytes(store, STAGE)))["sealed"]
+    with Store(store.root).writing(STAGE) as w:
+        for shard in ("000000", "000001"):
+            w.dispatch()
+            Store(store.root).remove_status(STAGE, shard)
+        w.finish()
+    assert not fs.exists(fs.join(store.status_dir(STAGE), INDEX_NAME))
+    assert sorted(Store(store.root).completed(STAGE)) == ["000002", "000003"]
+
+
+def test_a_reused_store_checks_again_at_each_writer(tmp_path, monkeypatch):
+    """A Store that wrote a small stage (no index object) and writes it again later sees what
+    another process wrote in between."""
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    store = _make_store(str(tmp_path / "s"), shards=6, stage_shards=5)
+    with store.writing(STAGE):
+        assert len(store.completed(STAGE)) == 5
+    other = Store(store.root)
+    with other.writing(STAGE):
+        other.write_status(STAGE, "000005", {"rows": 9, "ok": 9, "errors": 0})
+    with store.writing(STAGE):
+        assert "000005" in store.completed(STAGE)
+
+
+class _TwoStages:
+    """A worker that writes the records of two stages (as score writes embeddings/<tag>)."""
+
+    def __init__(self, root: str):
+        self.store = Store(root)
+
+    def __call__(self, shard: str) -> dict:
+        fs.atomic_write(self.store.url("embeddings/t", f"{shard}.parquet"), b"emb")
+        self.store.write_status("embeddings/t", shard, {"rows": 9, "ok": 9, "errors": 0})
+        fs.atomic_write(self.store.url(STAGE, f"{shard}.parquet"), b"output")
+        return self.store.write_status(STAGE, shard, {"rows": 9, "ok": 9, "errors": 0})
+
+
+def test_the_other_stage_a_run_writes_is_marked_and_sealed_too(tmp_path, monkeypatch):
+    import pipeline.store
+    from pipeline.stage import StageSpec, run_stage
+
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    monkeypatch.setattr(pipeline.store, "INDEX_MIN_RECORDS", 1)
+    store = _make_store(str(tmp_path / "s"), shards=3, stage_shards=0)
+    spec = StageSpec(STAGE, _TwoStages, {"root": store.root}, settings={"model": "t"},
+                     also_writes=("embeddings/t",))  # fmt: skip
+    assert len(run_stage(store, spec, progress=False, use_ray=False).done) == 3
+    for stage in (STAGE, "embeddings/t"):
+        assert json.loads(gzip.decompress(_index_bytes(store, stage)))["sealed"], stage
+    # more shards ingested, the stage run again: both stages' readers see the new records
+    for shard in ("000003", "000004"):
+        store.write_status("ingest", shard, {"rows": 9, "ok": 9, "errors": 0})
+    with Store(store.root).writing("ingest"):
+        pass
+    assert len(run_stage(Store(store.root), spec, progress=False, use_ray=False).done) == 2
+    assert len(Store(store.root).completed("embeddings/t")) == 5
+
+
+def test_a_reader_never_unseals_what_a_writer_sealed(tmp_path, monkeypatch):
+    """A driver that read ingest while an ingest ran (so listed it) keeps its copy; when it
+    refreshes its own stage after the ingest sealed, it must not write that copy back unsealed."""
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    n = INDEX_MIN_RECORDS
+    store = _make_store(str(tmp_path / "s"), shards=n, stage_shards=1)
+    ingest = Store(store.root)
+    driver = Store(store.root)
+    with ingest.writing("ingest"):
+        assert len(driver.completed("ingest")) == n  # the marker is up: listed
+        ingest.write_status("ingest", f"{n:06d}", {"rows": 9, "ok": 9, "errors": 0})
+    assert json.loads(gzip.decompress(_index_bytes(store, "ingest")))["sealed"]
+    driver.refresh_manifest(stages=[STAGE])
+    doc = json.loads(gzip.decompress(_index_bytes(store, "ingest")))
+    assert doc["sealed"] and len(doc["records"]) == n + 1
