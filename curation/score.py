@@ -444,7 +444,6 @@ def score_store(
         "caption_tags": list(caption_tags),
         "sharpness_side": SHARPNESS_SIDE,
     }
-    store.claim_stage(f"embeddings/{tag}", settings)
     spec = StageSpec(
         stage=f"scores/{tag}",
         worker_cls=ScoreWorker,

@@ -335,9 +335,10 @@ def run_stage(
         writers = [stack.enter_context(store.writing(s, lease=lease)) for s in stages]
         with snapshot:
             # 2. under the lease: clear what crashed runs of this stage left, record the settings
-            for line in clean_stage(store, spec.stage):
-                log.warning("%s", line)
-            store.claim_stage(spec.stage, spec.settings)
+            for stage in stages:  # the stage, and any other it writes (score: embeddings)
+                for line in clean_stage(store, stage):
+                    log.warning("%s", line)
+                store.claim_stage(stage, spec.settings)
             summary = StageSummary(stage=spec.stage)
             todo, summary.skipped = pending_shards(store, spec, summary.redo, ingested=ingested)
             for shard in summary.redo:  # not done any more until redone

@@ -418,9 +418,10 @@ class Store:
             return
         url = fs.join(self.status_dir(stage), INDEX_NAME)
         if len(idx.records) < INDEX_MIN_RECORDS:
-            if sealed:  # a small stage keeps no index: not even a sealed one from when it was big
+            # A small stage keeps no index: not even a sealed one from when it was big.
+            if sealed and (idx.index_mark is not None or idx.saved):
                 fs.remove(url)
-                idx.index_mark, idx.sealed = None, False
+                idx.index_mark, idx.sealed, idx.saved = None, False, False
             return
         if not idx.dirty and (idx.sealed or not sealed):
             return  # unchanged (a reader never unseals an index it did not change)
@@ -438,7 +439,9 @@ class Store:
         }
         data = gzip.compress(json.dumps(doc, sort_keys=True).encode(), compresslevel=5)
         fs.atomic_write(url, data)
-        idx.dirty, idx.sealed, idx.index_mark = False, sealed, None
+        idx.dirty, idx.sealed, idx.index_mark, idx.saved = False, sealed, None, True
+        if stage not in self._writing:  # the version this reader wrote, for its next save
+            idx.index_mark = fs.listing(self.status_dir(stage), stem="_").get(INDEX_NAME)
 
     @contextlib.contextmanager
     def writing(self, stage: str, dispatched: bool = False, lease: Any = None) -> Iterator[Writing]:
@@ -469,7 +472,9 @@ class Store:
                 idx.trusted = False
             # Object stores have no temp files (uploads appear whole): nothing half-written can
             # be among the records since the seal.
-            w.sealed_clean = idx is not None and idx.trusted and not fs.is_local(self.root)
+            w.sealed_clean = (
+                idx is not None and idx.trusted and fs.protocol(self.root) in fs.OBJECT_STORES
+            )
             info = {
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -522,7 +527,11 @@ class Store:
                 w.lease.check()  # taken over after it expired: the new writer seals
             self._index(stage)
             self._save_index(stage, sealed=True)
-            if _load_record(marker).get("token") == w.token:  # never another writer's marker
+            try:
+                ours = _load_record(marker).get("token") == w.token
+            except (FileNotFoundError, StoreError):  # gone or unreadable: not this writer's
+                ours = False
+            if ours:  # never another writer's marker
                 fs.remove(marker)
         except (OSError, StoreError) as e:
             log.warning("%s: status index not sealed (%s); readers list the records", stage, e)
@@ -761,6 +770,7 @@ class _StageIndex:
     sealed: bool = False  # the persisted index object is sealed (complete when no marker)
     trusted: bool = False  # the records are the stage's state without a listing
     index_mark: str | None = None  # fingerprint of the index object these records came from
+    saved: bool = False  # this process wrote an index object for the stage
 
 
 @dataclass
