@@ -200,16 +200,18 @@ def big_store(ep: Endpoint, root: str, n: int, results: list, only_noop: bool = 
     generated: dict[str, dict] = {}
     for stage, shard, rec in _records(n):
         generated.setdefault(stage, {})[shard] = rec
-    for stage, recs in generated.items():
-        marks = fs.listing(st.status_dir(stage))
-        st._indexes[stage] = _StageIndex(
-            records=recs, marks={s: marks[f"{s}.json"] for s in recs}, dirty=True, trusted=True
-        )
+    marks = {stage: fs.listing(st.status_dir(stage)) for stage in generated}
 
     def set_up() -> None:
         with contextlib.ExitStack() as writers:
-            for stage in generated:
+            for stage, recs in generated.items():
                 writers.enter_context(st.writing(stage))
+                # what this writer's own listing would have read: the generated records
+                st._indexes[stage] = _StageIndex(
+                    records=recs,
+                    marks={s: marks[stage][f"{s}.json"] for s in recs},
+                    trusted=True,
+                )
             st.refresh_manifest()
 
     measure(ep, f"manifest write + sealed index upload ({n} shards x 9)", set_up, results)
