@@ -214,8 +214,12 @@ class Lease:
         if any(g > self.gen for g in self._gens()):
             self.lost = True
 
-    def check(self) -> None:
-        """Raise `LeaseLost` when another writer took this lease over."""
+    def check(self, fresh: bool = False) -> None:
+        """Raise `LeaseLost` when another writer took this lease over: as last seen by the
+        renewal thread, or with ``fresh`` as the generation files say now (one listing; for a
+        last step that must not follow a takeover, like sealing a status index)."""
+        if fresh and self.gen is not None and any(g > self.gen for g in self._gens()):
+            self.lost = True
         if self.lost:
             raise LeaseLost(
                 f"{self.root}: the {self.name} lease expired and another writer took it over "
@@ -269,9 +273,9 @@ class Leases:
         self.leases = [Lease(root, n, owner=owner, ttl=ttl) for n in names]
         self._taken: list[Lease] = []
 
-    def check(self) -> None:
+    def check(self, fresh: bool = False) -> None:
         for lease in self._taken:
-            lease.check()
+            lease.check(fresh)
 
     def __enter__(self) -> Leases:
         try:

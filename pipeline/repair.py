@@ -216,8 +216,8 @@ def repair(store: Store) -> dict[str, Any]:
         store.require()
     stages = store.stages()
     with Leases(store.root, [INGEST, *stages]) as leases, contextlib.ExitStack() as writing:
-        for stage in [INGEST, *stages]:  # sealed again from the records when repair ends
-            writing.enter_context(store.writing(stage, lease=leases))
+        for stage, lease in zip([INGEST, *stages], leases.leases, strict=True):
+            writing.enter_context(store.writing(stage, lease=lease))  # sealed again at the end
         when = stamp()
         actions: list[str] = []
         actions.extend(_repair_records(store, "ingest", when))

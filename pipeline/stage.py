@@ -332,7 +332,10 @@ def run_stage(
         pending_shards(store, spec, options=RunOptions(), ingested=ingested)
     stages = [spec.stage, *spec.also_writes]
     with store.leases(stages) as lease, contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(store.writing(s, lease=lease)) for s in stages]
+        writers = [
+            stack.enter_context(store.writing(s, lease=one))
+            for s, one in zip(stages, lease.leases, strict=True)
+        ]
         with snapshot:
             # 2. under the lease: clear what crashed runs of this stage left, record the settings
             for stage in stages:  # the stage, and any other it writes (score: embeddings)

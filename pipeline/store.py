@@ -524,7 +524,7 @@ class Store:
         w.finished = True
         try:
             if w.lease is not None:
-                w.lease.check()  # taken over after it expired: the new writer seals
+                w.lease.check(fresh=True)  # taken over after it expired: the new writer seals
             self._index(stage)
             self._save_index(stage, sealed=True)
             try:

@@ -397,3 +397,18 @@ def test_a_reader_never_unseals_what_a_writer_sealed(tmp_path, monkeypatch):
     driver.refresh_manifest(stages=[STAGE])
     doc = json.loads(gzip.decompress(_index_bytes(store, "ingest")))
     assert doc["sealed"] and len(doc["records"]) == n + 1
+
+
+def test_a_writer_whose_lease_was_taken_over_seals_nothing(tmp_path, monkeypatch):
+    """A writer suspended past its lease's expiry while another took the lease over must not
+    seal on resuming (the renewal thread may not have noticed yet): marker and index stay."""
+    from pipeline.store import WRITING_NAME
+
+    monkeypatch.setenv("ALPHASET_STATUS_READS", "index")
+    n = INDEX_MIN_RECORDS
+    store = _make_store(str(tmp_path / "s"), shards=n, stage_shards=n)
+    with store.lease(STAGE) as lease, store.writing(STAGE, lease=lease):
+        store.write_status(STAGE, "000001", {"rows": 5, "ok": 5, "errors": 0})
+        fs.atomic_write(lease._url(lease.gen + 1), lease._payload())  # another writer took it
+    assert fs.exists(fs.join(store.status_dir(STAGE), WRITING_NAME))
+    assert not fs.exists(fs.join(store.status_dir(STAGE), INDEX_NAME))
