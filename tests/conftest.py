@@ -3,6 +3,7 @@ HTTP servers and tar builders."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
@@ -115,55 +116,68 @@ def no_proxy(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory):
-    """A GCS endpoint: gcp-storage-emulator (its JSON API, in memory) on a free loopback port,
-    for the whole session. Yields ``http://127.0.0.1:PORT``; gcsfs reaches it through
-    STORAGE_EMULATOR_HOST (set by ``gcs_bucket``)."""
+@contextlib.contextmanager
+def _loopback_server(tmp_path_factory, name: str, module_args: list[str], probe: str):
+    """``python -m <module_args>`` (``{port}`` filled in) on a free loopback port, its output in
+    a log file; yields ``http://127.0.0.1:PORT`` once ``probe`` (a path) answers, stops it after."""
     import subprocess
     import sys
     import time
     import urllib.request
 
     port = free_port()
-    log = open(tmp_path_factory.mktemp("gcs") / "gcs.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
-         "--port", str(port), "--in-memory"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    log = open(tmp_path_factory.mktemp(name) / f"{name}.log", "wb")
+    args = [a.format(port=port) for a in module_args]
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
-            urllib.request.urlopen(endpoint + "/storage/v1/b?project=test", timeout=1)
+            urllib.request.urlopen(endpoint + probe, timeout=1)
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"GCS emulator did not start on {endpoint}") from None
+                raise RuntimeError(f"{name} did not start on {endpoint}") from None
             time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _bucket_name(request) -> str:
+    """A fresh bucket name from the test's name."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS endpoint: gcp-storage-emulator (its JSON API, in memory) on a free loopback port,
+    for the whole session. Yields ``http://127.0.0.1:PORT``; gcsfs reaches it through
+    STORAGE_EMULATOR_HOST (set by ``gcs_bucket``)."""
+    args = ["gcp_storage_emulator", "start", "-H", "127.0.0.1", "--port", "{port}", "--in-memory"]
+    with _loopback_server(tmp_path_factory, "gcs", args, "/storage/v1/b?project=test") as url:
+        yield url
 
 
 @pytest.fixture
 def gcs_bucket(gcs_server, monkeypatch, request) -> str:
     """A fresh bucket on the GCS emulator; returns ``gs://<bucket>``. The store options are
     what a user of an emulator passes (an anonymous token)."""
-    import re
-    import uuid
-
     import gcsfs
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
     monkeypatch.setenv("ALPHASET_STORAGE_OPTIONS", '{"token": "anon", "project": "test"}')
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    bucket = _bucket_name(request)
     gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True).mkdir(bucket)
     return f"gs://{bucket}"
 
@@ -175,33 +189,9 @@ def s3_server(tmp_path_factory):
     Yields the endpoint URL. Clients reach it through the standard AWS environment variables
     (set by ``s3_env``), so subprocesses and Ray workers see the same endpoint.
     """
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not start on {endpoint}") from None
-            time.sleep(0.2)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    args = ["moto.server", "-H", "127.0.0.1", "-p", "{port}"]
+    with _loopback_server(tmp_path_factory, "moto", args, "/moto-api/") as url:
+        yield url
 
 
 @pytest.fixture
@@ -220,12 +210,8 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture
 def s3_bucket(s3_env, request) -> str:
     """A fresh, empty bucket on the moto endpoint; returns ``s3://<bucket>``."""
-    import re
-    import uuid
-
     import s3fs
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    bucket = _bucket_name(request)
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
     return f"s3://{bucket}"
