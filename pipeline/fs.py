@@ -117,10 +117,8 @@ def check_bucket(url: str) -> None:
     try:
         fsys.info(bucket)
     except FileNotFoundError:
-        make = (
-            f"gcloud storage buckets create gs://{bucket}"
-            if proto in ("gs", "gcs")
-            else (f"aws s3 mb s3://{bucket}")
+        make = {"gcs": f"gcloud storage buckets create gs://{bucket}"}.get(
+            OBJECT_STORES.get(proto or ""), f"aws s3 mb s3://{bucket}"
         )
         raise StorageError(
             f"bucket {bucket!r} of {url} does not exist: create it first (e.g. '{make}'); "
@@ -250,7 +248,7 @@ def _stem_entries(url: str, stem: str) -> list[dict[str, Any]]:
     `ListingSnapshot`: callers ask it to see what changed a moment ago."""
     fsys, path = filesystem(url)
     base = path.rstrip("/")
-    if protocol(url) in ("s3", "s3a", "gs", "gcs"):
+    if protocol(url) in OBJECT_STORES:
         fsys.invalidate_cache(base)
         try:
             found = fsys.find(base, prefix=stem, detail=True, withdirs=False, maxdepth=1)

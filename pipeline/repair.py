@@ -209,13 +209,13 @@ def repair(store: Store) -> dict[str, Any]:
 
     Takes every writer lease of the store first, so it never moves what a running writer writes.
     """
-    from pipeline.lease import INGEST, Leases
+    from pipeline.lease import INGEST
 
     store.check_root()
     if not fs.exists(store.url("meta")) and not fs.exists(store.manifest_url):
         store.require()
     stages = store.stages()
-    with Leases(store.root, [INGEST, *stages]) as leases, contextlib.ExitStack() as writing:
+    with store.leases([INGEST, *stages]) as leases, contextlib.ExitStack() as writing:
         for stage, lease in zip([INGEST, *stages], leases.leases, strict=True):
             writing.enter_context(store.writing(stage, lease=lease))  # sealed again at the end
         when = stamp()

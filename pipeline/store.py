@@ -363,6 +363,12 @@ class Store:
             idx.dirty = True
         return idx
 
+    def _index_head(self, stage: str) -> tuple[str | None, bool]:
+        """(fingerprint of the stage's index object or None, whether a writer's marker is up):
+        one prefix listing of the folder's ``_`` names, whatever the shard count."""
+        marks = fs.listing(self.status_dir(stage), stem="_")
+        return marks.get(INDEX_NAME), WRITING_NAME in marks
+
     def _sealed_state(self, stage: str) -> bool:
         """Whether the in-memory index of ``stage`` is its state without a listing: read from a
         sealed index object while no writer's marker is in the folder (one prefix listing; the
@@ -373,9 +379,8 @@ class Store:
         writer = self._writing.get(stage)
         if writer is not None:  # this process holds the stage's lease and checked on entry
             return idx is not None and idx.trusted and not writer.dispatched
-        marks = fs.listing(self.status_dir(stage), stem="_")
-        mark = marks.get(INDEX_NAME)
-        if WRITING_NAME in marks or mark is None:
+        mark, writing = self._index_head(stage)
+        if writing or mark is None:
             if idx is not None:
                 idx.trusted = False
             return False
@@ -425,10 +430,12 @@ class Store:
             return
         if not idx.dirty and (idx.sealed or not sealed):
             return  # unchanged (a reader never unseals an index it did not change)
-        if not sealed and stage not in self._writing:
-            marks = fs.listing(self.status_dir(stage), stem="_")
-            if marks.get(INDEX_NAME) != idx.index_mark:
-                return  # written by someone else since this process read it (maybe sealed)
+        if (
+            not sealed
+            and stage not in self._writing
+            and self._index_head(stage)[0] != idx.index_mark
+        ):
+            return  # written by someone else since this process read it (maybe sealed)
         doc = {
             "version": INDEX_VERSION,
             "stage": stage,
@@ -441,7 +448,7 @@ class Store:
         fs.atomic_write(url, data)
         idx.dirty, idx.sealed, idx.index_mark, idx.saved = False, sealed, None, True
         if stage not in self._writing:  # the version this reader wrote, for its next save
-            idx.index_mark = fs.listing(self.status_dir(stage), stem="_").get(INDEX_NAME)
+            idx.index_mark = self._index_head(stage)[0]
 
     @contextlib.contextmanager
     def writing(self, stage: str, dispatched: bool = False, lease: Any = None) -> Iterator[Writing]:
@@ -456,8 +463,7 @@ class Store:
         w = Writing(dispatched=dispatched, lease=lease)
         marker = fs.join(self.status_dir(stage), WRITING_NAME)
         with self._lock:
-            marks = fs.listing(self.status_dir(stage), stem="_")
-            mark, killed = marks.get(INDEX_NAME), WRITING_NAME in marks
+            mark, killed = self._index_head(stage)
             idx = self._indexes.get(stage)
             if idx is None and self.reads == "index" and not killed and mark is not None:
                 idx = self._load_index(stage)  # nothing read yet: start from a sealed index
@@ -500,8 +506,8 @@ class Store:
         from the sealed index object of ``stage`` — gone, added or rewritten since the seal, by
         hand: what a reader trusting the index would get wrong. Empty when no sealed index is
         in force (none, unsealed, or a writer's marker in the folder)."""
-        marks = fs.listing(self.status_dir(stage), stem="_")
-        if WRITING_NAME in marks or INDEX_NAME not in marks:
+        mark, writing = self._index_head(stage)
+        if writing or mark is None:
             return []
         idx = self._load_index(stage)
         if not idx.sealed:
