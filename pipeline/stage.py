@@ -426,7 +426,7 @@ def _run_ray(
     never sits on one. An actor lost with its node is replaced; its shard is retried."""
     import ray
 
-    from pipeline.cluster import init_ray, worker_runtime_env
+    from pipeline.cluster import init_ray, is_embedded, worker_runtime_env
 
     init_ray()
     options: dict[str, Any] = {"num_cpus": spec.cpus_per_worker, "num_gpus": spec.gpus_per_worker}
@@ -453,21 +453,88 @@ def _run_ray(
         ray.kill(actors[slot], no_restart=True)
         actors[slot] = None
 
+    def requeue_lost(shard: str) -> None:
+        """Lost with its node: not the shard's fault, requeued without counting an attempt (up
+        to NODE_LOSSES times: a shard under which nodes keep dying fails)."""
+        losses[shard] += 1
+        log.warning("shard %s: its worker was lost with its node; requeued", shard)
+        if losses[shard] > NODE_LOSSES:
+            summary.failed[shard] = f"lost with its node {losses[shard]} times"
+        else:
+            summary.lost += 1
+            pending.appendleft(shard)
+
+    def failed_attempt(shard: str, e: BaseException, cause: str) -> None:
+        attempts[shard] += 1
+        log.warning("shard %s attempt %d failed: %s", shard, attempts[shard], cause)
+        if (why := stop_reason(e)) is not None:  # disk full: finish in-flight only
+            summary.stopped = why
+            summary.failed[shard] = cause
+            pending.clear()
+        elif attempts[shard] > spec.max_retries:
+            summary.failed[shard] = cause
+        else:
+            summary.retries += 1
+            pending.appendleft(shard)  # next ready actor takes it first
+
+    # Workers that died while their node still read as alive: the cluster may not have noticed
+    # the node's death yet (its health checks take seconds). A death that leaves retries is
+    # counted and retried at once, and refunded if the node turns out dead (`recheck`); one that
+    # would fail the shard waits for the verdict (`suspects`). shard -> (deadline, node, error).
+    suspects: dict[str, tuple[float, str | None, BaseException]] = {}
+    recheck: dict[str, tuple[float, str | None, BaseException]] = {}
+
+    def worker_died(shard: str, node: str | None, e: BaseException) -> None:
+        if _lost_with_node(e, node):
+            requeue_lost(shard)
+        elif is_embedded():  # one node, this machine's: it outlives the driver
+            failed_attempt(shard, e, "worker died")
+        elif attempts[shard] < spec.max_retries:
+            failed_attempt(shard, e, "worker died")
+            recheck[shard] = (time.monotonic() + NODE_DEATH_GRACE, node, e)
+        else:
+            suspects[shard] = (time.monotonic() + NODE_DEATH_GRACE, node, e)
+
+    def judge_deaths() -> None:
+        now = time.monotonic()
+        for shard, (deadline, node, e) in list(recheck.items()):
+            if _lost_with_node(e, node):  # it was the node after all: not an attempt
+                del recheck[shard]
+                attempts[shard] -= 1
+                summary.retries -= 1
+                summary.lost += 1
+                log.warning("shard %s: its worker was lost with its node (not counted)", shard)
+            elif now > deadline:
+                del recheck[shard]
+        for shard, (deadline, node, e) in list(suspects.items()):
+            if _lost_with_node(e, node):
+                del suspects[shard]
+                requeue_lost(shard)
+            elif now > deadline:  # the node lives: the worker itself crashed
+                del suspects[shard]
+                failed_attempt(shard, e, "worker died")
+
     for slot in range(wanted):
         spawn(slot)
     last_refresh = time.monotonic()
     try:
-        while pending or inflight:
+        while pending or inflight or suspects:
+            if suspects or recheck:
+                judge_deaths()
             while idle and pending:
                 slot = idle.popleft()
                 shard = pending.popleft()
                 inflight[actors[slot].run.remote(shard)] = (slot, shard)
             placement.check(running=len(idle) + len(inflight))
-            if not loading and not inflight and not idle:
+            if not loading and not inflight and not idle and not suspects:
                 for shard in pending:  # every worker failed to start, none left to try
                     summary.failed[shard] = placement.start_error
                 return
-            done, _ = ray.wait([*inflight, *loading], num_returns=1, timeout=5.0)
+            refs = [*inflight, *loading]
+            if not refs:  # only suspects left to judge
+                time.sleep(0.5)
+                continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=5.0 if not suspects else 0.5)
             for ref in done:
                 if ref in loading:
                     slot = loading.pop(ref)
@@ -490,34 +557,11 @@ def _run_ray(
                 try:
                     finished(shard, ray.get(ref))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    dead = isinstance(e, ray.exceptions.RayActorError)
-                    if dead and _lost_with_node(e, node_of.get(slot)):
-                        # Not the shard's fault: requeued without counting an attempt (up to
-                        # NODE_LOSSES times: a shard under which nodes keep dying fails).
-                        losses[shard] += 1
-                        log.warning("shard %s: its worker was lost with its node; requeued", shard)
-                        if losses[shard] > NODE_LOSSES:
-                            summary.failed[shard] = f"lost with its node {losses[shard]} times"
-                        else:
-                            summary.lost += 1
-                            pending.appendleft(shard)
-                        drop(slot)
-                        spawn(slot)
-                        continue
-                    attempts[shard] += 1
-                    cause = "worker died" if dead else _one_line(e)
-                    log.warning("shard %s attempt %d failed: %s", shard, attempts[shard], cause)
-                    if (why := stop_reason(e)) is not None:  # disk full: finish in-flight only
-                        summary.stopped = why
-                        summary.failed[shard] = cause
-                        pending.clear()
-                    elif attempts[shard] > spec.max_retries:
-                        summary.failed[shard] = cause
+                    if not isinstance(e, ray.exceptions.RayActorError):
+                        failed_attempt(shard, e, _one_line(e))
                     else:
-                        summary.retries += 1
-                        pending.appendleft(shard)  # next ready actor takes it first
-                    if dead:  # a fresh process, placed wherever the cluster has room
-                        drop(slot)
+                        worker_died(shard, node_of.get(slot), e)
+                        drop(slot)  # a fresh process, placed wherever the cluster has room
                         spawn(slot)
                         continue
                 idle.append(slot)
@@ -531,6 +575,9 @@ def _run_ray(
 
 
 NODE_LOSSES = 5  # a shard whose worker is lost with its node more often than this fails
+# How long a dead worker's node may still read as alive before the death counts as the worker's
+# own crash: Ray's default health checks declare a node dead within about 15-25 s.
+NODE_DEATH_GRACE = 30.0
 
 
 def _lost_with_node(e: BaseException, node_id: str | None) -> bool:
